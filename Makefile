@@ -1,0 +1,46 @@
+# The two commands of the README:  make demo  and  make test.
+# Each creates (or refreshes) the virtual environment in .venv, installs everything pinned in
+# requirements.lock, makes sure Fashion-MNIST is available, then runs.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+OUT    ?= runs/demo
+SEEDS  ?= 0
+
+.PHONY: setup data demo test test-slow bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+# Fashion-MNIST: Debian's dataset-fashion-mnist where apt is available; elsewhere (or with
+# SELFTRAIN_DATA set) selftrain finds or downloads the IDX files itself on first use.
+data:
+	@if [ -z "$$SELFTRAIN_DATA" ] && [ ! -f $(FMNIST) ] && command -v apt-get >/dev/null 2>&1; then \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+		echo "installing dataset-fashion-mnist with apt-get"; \
+		$$SUDO apt-get update -qq >/dev/null && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+			|| echo "apt-get failed: Fashion-MNIST will be downloaded on first use"; \
+	fi
+
+demo: setup data
+	$(BIN)/selftrain demo --out $(OUT) --seeds $(SEEDS)
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+test-slow: setup data
+	$(BIN)/python -m pytest -q --runslow
+
+bench: setup data
+	$(BIN)/python benchmarks/bench.py --out bench.json
+
+clean:
+	rm -rf $(VENV) runs bench.json .pytest_cache

@@ -1,0 +1,136 @@
+"""The ``selftrain`` command line: one verb per stage, plus ``run``, ``demo`` and ``report``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from selftrain import __version__
+from selftrain.config import ConfigError, dump_config, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Pre-training and self-training of visual backbones: teach -> label -> student -> transfer -> report.",
+)
+console = Console(stderr=True)
+
+ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config; omitted: the built-in defaults (the demo recipe)")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output folder")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="dotted override, e.g. student.steps=5 (repeatable)")]
+ResumeOpt = Annotated[str, typer.Option("--resume", help="auto: continue a run in --out; never: require an empty --out")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="a bad image is an error naming the file, not a counted skip")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True,
+    )  # fmt: skip
+
+
+def _config(path: Path | None, overrides: list[str] | None, strict: bool):
+    overrides = list(overrides or [])
+    if strict:
+        overrides.append("data.strict=true")
+    return load_config(path, overrides)
+
+
+def _stage(stages: list[str] | None, config: Path | None, out: Path, overrides: list[str] | None, resume: str, strict: bool) -> None:
+    from selftrain.pipeline import run_pipeline
+
+    if resume not in ("auto", "never"):
+        raise typer.BadParameter("--resume must be auto or never")
+    cfg = _config(config, overrides, strict)
+    folder = run_pipeline(cfg, out, stages=stages, resume=resume)
+    console.print(f"[green]done[/green]: {folder}")
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    _setup_logging(verbose)
+
+
+@app.command()
+def run(config: ConfigArg = None, out: OutOpt = Path("runs/run"), set: SetOpt = None, resume: ResumeOpt = "auto", strict: StrictOpt = False) -> None:
+    """Run the stages the config lists, in order; --resume auto continues an interrupted run."""
+    _stage(None, config, out, set, resume, strict)
+
+
+@app.command()
+def teach(config: ConfigArg = None, out: OutOpt = Path("runs/run"), set: SetOpt = None, resume: ResumeOpt = "auto", strict: StrictOpt = False) -> None:
+    """Train the teacher on the labeled split."""
+    _stage(["teach"], config, out, set, resume, strict)
+
+
+@app.command()
+def label(config: ConfigArg = None, out: OutOpt = Path("runs/run"), set: SetOpt = None, resume: ResumeOpt = "auto", strict: StrictOpt = False) -> None:
+    """Pseudo-label the unlabeled pool with the teacher in --out (round 1)."""
+    _stage(["label"], config, out, set, resume, strict)
+
+
+@app.command()
+def student(config: ConfigArg = None, out: OutOpt = Path("runs/run"), set: SetOpt = None, resume: ResumeOpt = "auto", strict: StrictOpt = False) -> None:
+    """Train the student on human + pseudo labels (all rounds: label and student alternate)."""
+    _stage(["label", "student"], config, out, set, resume, strict)
+
+
+@app.command()
+def transfer(config: ConfigArg = None, out: OutOpt = Path("runs/run"), set: SetOpt = None, resume: ResumeOpt = "auto", strict: StrictOpt = False) -> None:
+    """Measure every model of --out on the held-out set (and linear-probe / fine-tune them)."""
+    _stage(["transfer"], config, out, set, resume, strict)
+
+
+@app.command()
+def report(folder: Annotated[Path, typer.Argument(help="an output folder (searched recursively for results.csv)")]) -> None:
+    """Write report.md and report.html (table, plots) for an output folder, and print the table."""
+    from selftrain.report import build_report, format_table
+
+    summary = build_report(folder)
+    typer.echo(format_table(summary))
+    console.print(f"report: {summary['paths'].get('html', folder / 'report.html')}")
+
+
+@app.command()
+def demo(
+    out: OutOpt = Path("runs/demo"),
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds, e.g. 0,1,2")] = "0",
+    fractions: Annotated[str, typer.Option("--label-fractions", help="comma-separated label fractions, e.g. 0.01,0.1")] = "0.01",
+    config: Annotated[Optional[Path], typer.Option("--config", help="start from this config instead of the defaults")] = None,
+    set: SetOpt = None,
+) -> None:
+    """Fashion-MNIST, 1% labels: supervised baseline vs self-training, on the official test set."""
+    from selftrain.demo import run_demo
+
+    seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    fraction_list = [float(f) for f in fractions.split(",") if f.strip()]
+    run_demo(out, seeds=seed_list, fractions=fraction_list, config=config, overrides=list(set or []))
+
+
+@app.command("config")
+def show_config(config: ConfigArg = None, set: SetOpt = None) -> None:
+    """Print the resolved config (defaults filled in, overrides applied)."""
+    typer.echo(dump_config(_config(config, set, False)), nl=False)
+
+
+@app.command()
+def version() -> None:
+    """Print the selftrain version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as err:
+        console.print(f"[red]config error[/red]: {err}")
+        sys.exit(2)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        console.print(f"[red]error[/red]: {err}")
+        sys.exit(1)

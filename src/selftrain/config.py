@@ -1,0 +1,240 @@
+"""Typed, validated run configuration.
+
+Every default lives here. YAML is only the saved form: a config file is loaded into
+:class:`Config`, dotted ``--set`` overrides are applied to the raw mapping first, and the
+resolved object is saved next to every artifact. Unknown keys are errors, and every error
+names the dotted key and what is allowed.
+
+Example:
+    >>> cfg = load_config("configs/demo.yaml", overrides=["student.steps=5"])
+    >>> cfg.student.steps
+    5
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+AUGMENT_STRENGTHS = ("none", "S1", "S2", "S3", "S4")
+Augment = Literal["none", "S1", "S2", "S3", "S4"]
+STAGES = ("teach", "label", "student", "transfer")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the dotted key and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OptimConfig(_Strict):
+    """Optimizer and learning-rate schedule of one training stage."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps spent warming up")
+
+
+class DataConfig(_Strict):
+    """Where the labeled split, the unlabeled pool and the held-out test set come from."""
+
+    labeled: str = "fashion-mnist:train"
+    unlabeled: str | None = Field(
+        "fashion-mnist:train",
+        description="unlabeled pool; when it is the same URI as `labeled`, the pool is the "
+        "part of it outside the labeled split (its labels are hidden, used only for statistics)",
+    )
+    test: str | None = "fashion-mnist:test"
+    label_fraction: float = Field(0.01, gt=0, le=1)
+    image_size: int | None = Field(None, ge=8, le=1024, description="None: the source's own size")
+    channels: Literal[1, 3] | None = None
+    pool_limit: int | None = Field(None, ge=1, description="use only the first N pool images")
+    strict: bool = Field(False, description="a bad image is an error instead of a counted skip")
+
+
+class ModelConfig(_Strict):
+    """The backbone (a registered name or any timm model name) and its classifier head."""
+
+    backbone: str = "cnn-small"
+    weights: str | None = Field(None, description="local .safetensors/.pth file; never a hub download")
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+
+
+class TeachConfig(_Strict):
+    """Supervised training of the teacher on the labeled split."""
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    augment: Augment = "S1"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    optim: OptimConfig = OptimConfig()
+
+
+class LabelConfig(_Strict):
+    """How the teacher pseudo-labels the pool (Zoph et al. 2020; Xie et al. 2020)."""
+
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of soft labels")
+    hard: bool = Field(False, description="one-hot labels instead of soft probabilities")
+    threshold: float = Field(0.0, ge=0, le=1, description="keep records with confidence >= this")
+    balance: bool = Field(False, description="Noisy Student class balancing: top-K per class, duplicate rare classes")
+    per_class: int | None = Field(None, ge=1, description="K for balancing; None: median kept count")
+    batch_size: int = Field(512, ge=1)
+    shard_size: int = Field(4096, ge=1, description="pool images per store shard")
+
+
+class StudentConfig(_Strict):
+    """The student: human + pseudo labels, strong augmentation, loss normalization."""
+
+    steps: int = Field(1500, ge=1)
+    human_batch_size: int = Field(32, ge=1)
+    pseudo_batch_size: int = Field(224, ge=1)
+    augment: Augment = "S4"
+    loss: Literal["normalized", "sum"] = Field(
+        "normalized", description="normalized: Zoph et al. loss normalization; sum: L_h + alpha * L_p"
+    )
+    alpha: float = Field(1.0, ge=0, description="weight of the pseudo-label loss")
+    average_decay: float = Field(0.99, ge=0, lt=1, description="decay of the loss moving averages")
+    drop_rate: float = Field(0.3, ge=0, lt=1, description="student dropout (noise)")
+    init: str = Field("scratch", description="scratch | teacher | path to a checkpoint")
+    rounds: int = Field(1, ge=1, description="the student of round r teaches round r+1")
+    optim: OptimConfig = OptimConfig(lr=0.1)
+
+
+class TransferConfig(_Strict):
+    """Evaluation on held-out data, and fine-tuning / linear probing of a backbone."""
+
+    protocols: list[Literal["evaluate", "finetune", "linear"]] = ["evaluate"]
+    data: str | None = Field(None, description="labeled split for finetune/linear; None: data.labeled")
+    label_fraction: float = Field(1.0, gt=0, le=1)
+    steps: int = Field(500, ge=1)
+    batch_size: int = Field(128, ge=1)
+    augment: Augment = "S1"
+    optim: OptimConfig = OptimConfig()
+    linear_lr: float = Field(0.1, gt=0)
+
+
+class EngineConfig(_Strict):
+    """Device, precision and checkpointing, shared by every training stage."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
+        "auto", description="auto: bf16 on CUDA and on CPUs with native bf16, else fp32"
+    )
+    threads: int | None = Field(None, ge=1)
+    channels_last: bool = True
+    checkpoint_every: int = Field(250, ge=1, description="steps between resumable checkpoints")
+    eval_batch_size: int = Field(1000, ge=1)
+    max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite losses that stop a run")
+    progress: bool = True
+
+
+class Config(_Strict):
+    """A whole run: the stages to run and one section per stage."""
+
+    name: str = "run"
+    seed: int = 0
+    task: str = "classification"
+    stages: list[Literal["teach", "label", "student", "transfer"]] = list(STAGES)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    teach: TeachConfig = TeachConfig()
+    label: LabelConfig = LabelConfig()
+    student: StudentConfig = StudentConfig()
+    transfer: TransferConfig = TransferConfig()
+    engine: EngineConfig = EngineConfig()
+
+    @field_validator("stages")
+    @classmethod
+    def _ordered(cls, stages: list[str]) -> list[str]:
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"stages must not repeat, got {stages}")
+        return sorted(stages, key=STAGES.index)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        from selftrain.tasks import TASKS
+
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS.names())}")
+        return task
+
+
+def _describe(model: type[BaseModel], loc: tuple) -> str:
+    """Names the keys allowed at the parent of ``loc``, for an unknown-key message."""
+    fields = model.model_fields
+    for part in loc[:-1]:
+        annotation = fields[part].annotation if part in fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        fields = annotation.model_fields
+    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; allowed: {', '.join(fields)}"
+
+
+def _format_errors(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key{_describe(Config, e['loc'])}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return ConfigError(f"invalid config {source}:\n" + "\n".join(lines))
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Applies one ``dotted.key=value`` override in place; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    key, value = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple = (), source: str = "<dict>") -> Config:
+    """Validates a raw mapping (plus overrides) into a :class:`Config`."""
+    raw = dict(raw or {})
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise _format_errors(err, source) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> Config:
+    """Loads a YAML config file (or only the defaults when ``path`` is None)."""
+    if path is None:
+        return build_config({}, overrides, source="<defaults>")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return build_config(raw, overrides, source=str(path))
+
+
+def dump_config(cfg: Config) -> str:
+    """The YAML form of a resolved config (every default written out)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,154 @@
+"""``label``: the teacher pseudo-labels the unlabeled pool into the pseudo-label store.
+
+The pool is cut into input shards of ``label.shard_size`` images; each becomes one store
+shard, written atomically, so a killed run resumes with the shards it had not written and
+ends with exactly the records of an uninterrupted run. Memory holds one shard at a time.
+After the last shard, filtering (confidence threshold) and Noisy Student class balancing
+pick the records the student learns from (``selection.parquet``), and the manifest, with
+the statistics, is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from selftrain.atomic import atomic_write_text
+from selftrain.config import Config
+from selftrain.data import BadImageError
+from selftrain.engine import Runtime
+from selftrain.network import Network, load_network
+from selftrain.outputs import RunFolder
+from selftrain.selection import select_records, selection_stats
+from selftrain.store import PseudoLabelStore
+from selftrain.tasks import TASKS
+from selftrain.teach import teacher_for_round
+
+log = logging.getLogger("selftrain.label")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_images(source, indices: np.ndarray, strict: bool) -> tuple[torch.Tensor, np.ndarray, list[dict]]:
+    """Loads a batch; in-memory sources in one go, files one by one so a bad file is skipped."""
+    if source.in_memory:
+        return source.load_batch(indices), indices, []
+    images, good, skips = [], [], []
+    for i in indices:
+        try:
+            images.append(source.load(int(i)))
+            good.append(i)
+        except BadImageError as err:
+            if strict:
+                raise
+            log.warning("label: skipped %s", err)
+            skips.append({"key": source.key(int(i)), "reason": err.reason})
+    batch = torch.stack(images) if images else torch.empty(0)
+    return batch, np.asarray(good, dtype=np.int64), skips
+
+
+@torch.no_grad()
+def label_shard(teacher: Network, task, cfg: Config, data, runtime: Runtime, indices: np.ndarray) -> tuple[pa.Table, list[dict]]:
+    """Teacher predictions for one input shard -> (store table, skipped images)."""
+    columns: dict[str, list] = {}
+    keys, kept, skips = [], [], []
+    for start in range(0, len(indices), cfg.label.batch_size):
+        batch, good, bad = _load_images(data.pool, indices[start : start + cfg.label.batch_size], cfg.data.strict)
+        skips += bad
+        if len(good) == 0:
+            continue
+        with runtime.autocast():
+            logits = teacher(runtime.images(batch))
+        enc = task.encode_pseudo(logits, temperature=cfg.label.temperature, hard=cfg.label.hard)
+        for k, v in enc.items():
+            columns.setdefault(k, []).append(v)
+        keys += [data.pool.key(int(i)) for i in good]
+        kept.append(good)
+    enc = {k: np.concatenate(v) for k, v in columns.items()}
+    if not keys:  # every image of the shard was bad: an empty shard keeps the schema
+        enc = task.encode_pseudo(torch.zeros(0, len(data.classes)))
+    table = pa.table(
+        {"key": pa.array(keys, pa.string()), "index": pa.array(np.concatenate(kept) if kept else [], pa.int64()),
+         **task.pseudo_table_columns(enc)}
+    )  # fmt: skip
+    return table, skips
+
+
+def _filter_config(cfg: Config) -> dict:
+    lc = cfg.label
+    return {"temperature": lc.temperature, "hard": lc.hard, "threshold": lc.threshold, "balance": lc.balance, "per_class": lc.per_class}
+
+
+def _finish(store: PseudoLabelStore, cfg: Config, data, round_: int, total: int) -> dict:
+    """Selection + statistics + manifest (written last)."""
+    table = store.read(columns=["index", "classification.label", "classification.confidence"], allow_partial=True)
+    label = table.column("classification.label").to_numpy()
+    conf = table.column("classification.confidence").to_numpy()
+    k = len(data.classes)
+    rows, repeat = select_records(label, conf, threshold=cfg.label.threshold, balance=cfg.label.balance, per_class=cfg.label.per_class, num_classes=k)
+    store.write_selection(store.make_selection(rows, repeat))
+    truth = None
+    if data.pool_truth is not None:
+        position = {int(i): n for n, i in enumerate(data.pool_idx)}
+        truth = data.pool_truth[[position[int(i)] for i in table.column("index").to_numpy()]]
+    stats = selection_stats(label, conf, rows, repeat, k, truth=truth)
+    skips = []
+    for f in sorted((store.root / "skips").glob("shard-*.json")):
+        skips += json.loads(f.read_text())
+    manifest = {
+        "stage": "label", "round": round_, "seed": cfg.seed, "task": cfg.task, "classes": data.classes,
+        "teacher": store.header["fingerprint"]["teacher"], "filter": _filter_config(cfg),
+        "total": total, "processed": total - len(skips), "skipped": len(skips), "skips": skips,
+        "stats": {cfg.task: stats},
+    }  # fmt: skip
+    store.write_manifest(manifest)
+    return store.manifest
+
+
+def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1) -> Path:
+    """Labels the pool for ``round_`` and returns the store folder."""
+    if data.pool is None or len(data.pool_idx) == 0:
+        raise ValueError("label: the config has no unlabeled pool (data.unlabeled)")
+    folder = run.stage("label", round_)
+    teacher_path = teacher_for_round(run, round_)
+    size = cfg.label.shard_size
+    n_shards = (len(data.pool_idx) + size - 1) // size
+    fingerprint = {
+        "teacher": file_sha256(teacher_path), "pool": data.pool.uri, "pool_size": int(len(data.pool_idx)),
+        "pool_first_last": [data.pool.key(int(data.pool_idx[0])), data.pool.key(int(data.pool_idx[-1]))],
+        "temperature": cfg.label.temperature, "hard": cfg.label.hard,
+    }  # fmt: skip
+    store = PseudoLabelStore.create(folder, fingerprint=fingerprint, n_shards=n_shards, shard_size=size, tasks=[cfg.task])
+    if store.complete and store.manifest.get("filter") == _filter_config(cfg):
+        log.info("label: round %d already done in %s", round_, folder)
+        return folder
+    teacher = load_network(teacher_path).to(runtime.device).eval()
+    if runtime.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    task = TASKS.get(cfg.task)(len(data.classes))
+    pending = store.pending_shards()
+    (folder / "skips").mkdir(exist_ok=True)
+    for shard in tqdm(pending, desc=f"label r{round_}", disable=not cfg.engine.progress, leave=False, unit="shard"):
+        indices = data.pool_idx[shard * size : (shard + 1) * size]
+        table, skips = label_shard(teacher, task, cfg, data, runtime, indices)
+        # The skip list goes first: once the shard exists, its skips must be on disk too.
+        atomic_write_text(folder / "skips" / f"shard-{shard:05d}.json", json.dumps(skips))
+        store.write_shard(shard, table)
+    manifest = _finish(store, cfg, data, round_, int(len(data.pool_idx)))
+    s = manifest["stats"][cfg.task]
+    acc = f", pseudo-label accuracy {100 * s['accuracy_all']:.1f}%" if s.get("accuracy_all") is not None else ""
+    log.info("label: round %d: %d records, %d kept, mean confidence %s%s", round_, manifest["n_records"], s["kept"], s["mean_confidence"], acc)
+    return folder

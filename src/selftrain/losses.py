@@ -1,0 +1,48 @@
+"""Combining the loss on human labels with the loss on pseudo labels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LossNormalization(nn.Module):
+    """Loss normalization of Zoph et al. 2020, "Rethinking Pre-training and Self-training" (§3.2).
+
+    ``L = 1/(1+a) * (L_h + a * (avg(L_h) / avg(L_p)) * L_p)``, where ``avg`` are exponential
+    moving averages of the (detached) human and pseudo losses and ``a`` the pseudo-label
+    weight. It keeps the pseudo term on the scale of the human term whatever the
+    temperature, label type or task, so ``a`` needs no retuning. With ``normalize=False`` it
+    is the plain weighted sum ``L_h + a * L_p``.
+
+    The averages are buffers, so they are saved in checkpoints and a resumed run continues
+    with the same scale.
+
+    Example:
+        >>> norm = LossNormalization(alpha=1.0, decay=0.99)
+        >>> total = norm(torch.tensor(2.0), torch.tensor(0.5))  # first step: averages = losses
+        >>> round(total.item(), 4)
+        2.0
+    """
+
+    def __init__(self, alpha: float = 1.0, decay: float = 0.99, normalize: bool = True) -> None:
+        super().__init__()
+        self.alpha, self.decay, self.normalize = alpha, decay, normalize
+        self.register_buffer("avg_human", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("avg_pseudo", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(0, dtype=torch.int64))
+
+    def forward(self, loss_human: torch.Tensor, loss_pseudo: torch.Tensor) -> torch.Tensor:
+        if not self.normalize:
+            return loss_human + self.alpha * loss_pseudo
+        h, p = loss_human.detach().double(), loss_pseudo.detach().double()
+        if self.training:
+            if self.count == 0:
+                self.avg_human.copy_(h)
+                self.avg_pseudo.copy_(p)
+            else:
+                self.avg_human.mul_(self.decay).add_((1 - self.decay) * h)
+                self.avg_pseudo.mul_(self.decay).add_((1 - self.decay) * p)
+            self.count += 1
+        scale = (self.avg_human / self.avg_pseudo.clamp_min(1e-12)).to(loss_pseudo.dtype)
+        return (loss_human + self.alpha * scale * loss_pseudo) / (1 + self.alpha)

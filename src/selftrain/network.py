@@ -1,0 +1,74 @@
+"""A backbone plus the preprocessing it was trained with, saved and loaded together.
+
+The network takes float images in [0, 1] at its own ``image_size`` and normalizes them
+itself, so a teacher loaded from disk labels a pool correctly whoever built it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from selftrain.backbones import build_backbone
+from selftrain.checkpoint import read_state_dict
+
+
+@dataclass
+class NetworkSpec:
+    """Everything needed to rebuild a network and feed it images (saved as ``model.json``)."""
+
+    backbone: str
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    classes: list[str] = field(default_factory=list)
+    task: str = "classification"
+
+
+class Network(nn.Module):
+    """``backbone(normalize(x))``; ``features(x)`` gives the pooled pre-logit features."""
+
+    def __init__(self, spec: NetworkSpec, drop_rate: float = 0.0, weights: str | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.backbone = build_backbone(
+            spec.backbone, num_classes=spec.num_classes, in_chans=spec.channels, drop_rate=drop_rate, weights=weights
+        )
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))  # (B, K)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone.forward_features(self.normalize(x))
+        return self.backbone.forward_head(feats, pre_logits=True)  # (B, D)
+
+
+def image_statistics(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a uint8 batch (B, C, H, W), for normalization."""
+    x = images.float().div_(255)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
+
+
+def load_network(path: str | Path, drop_rate: float = 0.0) -> Network:
+    """Loads ``model.safetensors`` and its ``model.json`` spec into a :class:`Network`."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path}: its spec file {meta_path.name} is missing; was it written by selftrain?")
+    meta = json.loads(meta_path.read_text())
+    net = Network(NetworkSpec(**meta["spec"]), drop_rate=drop_rate)
+    net.load_state_dict(read_state_dict(path))
+    return net

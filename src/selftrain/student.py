@@ -1,0 +1,104 @@
+"""``student``: learns from human and pseudo labels with strong augmentation.
+
+Following Zoph et al. 2020 and Noisy Student (Xie et al. 2020): the teacher labeled clean
+images; the student sees strongly augmented ones (S1-S4), has dropout, and every step mixes
+a batch of human-labeled images with a batch of pseudo-labeled ones. The two losses are
+combined with loss normalization (or a plain weighted sum). The student starts from scratch,
+from the teacher, or from any checkpoint; with ``student.rounds > 1`` it becomes the teacher
+of the next round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from selftrain.augment import BatchAugment
+from selftrain.atomic import atomic_write_text
+from selftrain.checkpoint import read_state_dict
+from selftrain.config import Config
+from selftrain.engine import BatchIndices, Runtime, export_model, fit
+from selftrain.losses import LossNormalization
+from selftrain.network import Network
+from selftrain.outputs import RunFolder
+from selftrain.store import PseudoLabelStore
+from selftrain.tasks import TASKS
+from selftrain.teach import network_spec, read_done, teacher_for_round
+
+log = logging.getLogger("selftrain.student")
+
+
+def pseudo_records(store_dir: Path, task) -> tuple[np.ndarray, torch.Tensor]:
+    """The selected store records, repeats expanded: (pool source indices (N,), targets (N, K))."""
+    store = PseudoLabelStore(store_dir)
+    if not store.complete:
+        raise FileNotFoundError(f"{store_dir}: the pseudo-label store is incomplete; run (or resume) the label stage")
+    table = store.read(columns=["index", f"{task.name}.probs"])
+    selection = store.selection_rows()
+    rows = np.arange(table.num_rows) if selection is None else np.repeat(*selection)
+    if len(rows) == 0:
+        raise ValueError(f"{store_dir}: no pseudo label passed the filter (label.threshold too high?)")
+    index = table.column("index").to_numpy()[rows]
+    targets = task.decode_pseudo(table.take(rows))
+    return index, targets
+
+
+def _initial_weights(net: Network, init: str, run: RunFolder, round_: int) -> None:
+    if init == "scratch":
+        return
+    path = teacher_for_round(run, round_) if init == "teacher" else Path(init)
+    net.load_state_dict(read_state_dict(path), strict=init == "teacher")
+    log.info("student: initialized from %s", path)
+
+
+def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1) -> Path:
+    """Trains the student of ``round_`` and returns the path of its weights."""
+    folder = run.stage("student", round_)
+    weights = folder / "model.safetensors"
+    if read_done(folder) and weights.exists():
+        log.info("student: round %d already done in %s", round_, folder)
+        return weights
+    s = cfg.student
+    task = TASKS.get(cfg.task)(len(data.classes))
+    pool_index, pseudo_targets = pseudo_records(run.root / "label" / f"round-{round_}", task)
+    spec = network_spec(cfg, data)
+    seed = cfg.seed * 100 + round_
+    torch.manual_seed(seed)  # the initial weights are part of what a seed fixes
+    net = Network(spec, drop_rate=s.drop_rate, weights=cfg.model.weights)
+    _initial_weights(net, s.init, run, round_)
+    net.to(runtime.device)
+    if runtime.channels_last:
+        net.to(memory_format=torch.channels_last)
+    aug = BatchAugment(s.augment)
+    human = BatchIndices(len(data.labeled_idx), s.human_batch_size, seed)
+    pseudo = BatchIndices(len(pool_index), s.pseudo_batch_size, seed + 50)
+    labels = torch.tensor(data.labeled.labels)
+    combine = LossNormalization(alpha=s.alpha, decay=s.average_decay, normalize=s.loss == "normalized")
+    nh = s.human_batch_size
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        h = data.labeled_idx[human(step).numpy()]
+        p = pseudo(step)
+        images = torch.cat([data.labeled.load_batch(h), data.pool.load_batch(pool_index[p.numpy()])])
+        target = torch.cat([task.targets(labels[h]), pseudo_targets[p]]).to(runtime.device)
+        x = aug(runtime.images(images))
+        with runtime.autocast():
+            logits = net(x)  # one forward pass, so batch norm sees human and pseudo images together
+        per_sample = task.loss(logits, target)
+        loss_h, loss_p = per_sample[:nh].mean(), per_sample[nh:].mean()
+        return {"loss": combine(loss_h, loss_p), "loss_human": loss_h.detach(), "loss_pseudo": loss_p.detach()}
+
+    result = fit(
+        net, step_fn, steps=s.steps, optim=s.optim, engine=cfg.engine, out_dir=folder, seed=seed,
+        desc=f"student r{round_}", stateful={"loss_normalization": combine},
+    )  # fmt: skip
+    meta = {"spec": spec.__dict__, "stage": "student", "round": round_, "seconds": result.seconds, "seed": cfg.seed}
+    export_model(weights, net, meta)
+    done = {"seconds": result.seconds, "steps": s.steps, "pseudo_records": int(len(pool_index)), "bad_steps": result.bad_steps}
+    atomic_write_text(folder / "done.json", json.dumps(done))
+    log.info("student: round %d done in %.0f s -> %s", round_, result.seconds, weights)
+    return weights

@@ -1,0 +1,131 @@
+"""``transfer``: how good is a model, and how well does its backbone transfer?
+
+Protocols:
+    evaluate  the model as trained, on the held-out test set (metric ``top1``, ``top5``)
+    linear    frozen backbone; a linear classifier on its pooled features (``linear.top1``)
+    finetune  the whole backbone plus a new head, trained on a labeled split (``finetune.top1``)
+
+In a run, every model of the output folder is measured: the teacher (method ``supervised``,
+round 0) and the student of each round (method ``self-training``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from selftrain.atomic import atomic_write_text
+from selftrain.config import Config
+from selftrain.data import Source, build_source, labeled_subset
+from selftrain.engine import Runtime
+from selftrain.network import Network, load_network
+from selftrain.outputs import RunFolder
+from selftrain.results import ResultRow, ResultsTable
+from selftrain.tasks import TASKS
+
+log = logging.getLogger("selftrain.transfer")
+
+
+@torch.no_grad()
+def predict(net: Network, source: Source, indices: np.ndarray, runtime: Runtime, batch_size: int, features: bool = False) -> torch.Tensor:
+    """Logits (or pooled features) of ``net`` for ``source[indices]``, in order."""
+    net.eval().to(runtime.device)
+    out = []
+    for start in range(0, len(indices), batch_size):
+        x = runtime.images(source.load_batch(indices[start : start + batch_size]))
+        with runtime.autocast():
+            y = net.features(x) if features else net(x)
+        out.append(y.float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(net: Network, task, source: Source, indices: np.ndarray, runtime: Runtime, batch_size: int = 1000) -> dict[str, float]:
+    """The task's metrics of ``net`` on ``source[indices]``."""
+    logits = predict(net, source, indices, runtime, batch_size)
+    return task.metrics(logits, torch.tensor(source.labels[indices]))
+
+
+def linear_probe(net: Network, task, train: tuple[Source, np.ndarray], test: tuple[Source, np.ndarray], runtime: Runtime, *, steps: int, lr: float, seed: int) -> dict[str, float]:
+    """Trains a linear classifier on frozen, standardized features (full batch AdamW)."""
+    xtr = predict(net, *train, runtime, 1000, features=True)
+    xte = predict(net, *test, runtime, 1000, features=True)
+    mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    ytr = torch.tensor(train[0].labels[train[1]])
+    torch.manual_seed(seed)
+    head = nn.Linear(xtr.shape[1], task.num_classes)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr * 0.1, weight_decay=1e-4)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(head(xtr), ytr).backward()
+        opt.step()
+    with torch.no_grad():
+        return task.metrics(head(xte), torch.tensor(test[0].labels[test[1]]))
+
+
+def finetune(net: Network, cfg: Config, data, runtime: Runtime, folder: Path) -> dict[str, float]:
+    """Fine-tunes a copy of ``net`` with a new head on the transfer split, then evaluates it."""
+    from selftrain.pipeline import PreparedData
+    from selftrain.teach import train_supervised
+
+    t = cfg.transfer
+    source = data.labeled if t.data is None else build_source(t.data, image_size=data.image_size, channels=data.channels)
+    idx = labeled_subset(source.labels, t.label_fraction, cfg.seed)
+    tuned = copy.deepcopy(net)
+    torch.manual_seed(cfg.seed)
+    tuned.backbone.reset_classifier(len(source.classes))
+    split = PreparedData(source, idx, None, idx[:0], data.test, data.test_idx, list(source.classes), data.channels, data.image_size)
+    train_supervised(tuned, cfg, split, runtime, folder, steps=t.steps, batch_size=t.batch_size, augment=t.augment, optim=t.optim, desc="finetune", seed=cfg.seed)
+    return evaluate(tuned, TASKS.get(cfg.task)(len(source.classes)), data.test, data.test_idx, runtime, cfg.engine.eval_batch_size)
+
+
+def run_models(run: RunFolder, rounds: int) -> list[tuple[str, int, Path]]:
+    """(method, round, weights) of every finished model in the run folder."""
+    models = []
+    teacher = run.root / "teach" / "model.safetensors"
+    if teacher.exists():
+        models.append(("supervised", 0, teacher))
+    for r in range(1, rounds + 1):
+        path = run.root / "student" / f"round-{r}" / "model.safetensors"
+        if path.exists():
+            models.append(("self-training", r, path))
+    return models
+
+
+def transfer(cfg: Config, run: RunFolder, data, runtime: Runtime) -> list[ResultRow]:
+    """Measures every model of the run with the configured protocols; rows go to results.csv."""
+    if data.test is None:
+        raise ValueError("transfer: the config has no held-out test set (data.test)")
+    folder = run.stage("transfer")
+    task = TASKS.get(cfg.task)(len(data.classes))
+    rows: list[ResultRow] = []
+    for method, round_, path in run_models(run, cfg.student.rounds):
+        net = load_network(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        augment = cfg.teach.augment if round_ == 0 else cfg.student.augment
+        base = dict(stage="transfer", method=method, init="random" if cfg.model.weights is None else "pretrained",
+                    augment=augment, task=cfg.task, dataset=cfg.data.test, label_fraction=cfg.data.label_fraction,
+                    seed=cfg.seed, round=round_, seconds=round(float(meta.get("seconds", 0.0)), 2))  # fmt: skip
+        metrics: dict[str, float] = {}
+        if "evaluate" in cfg.transfer.protocols:
+            metrics.update(evaluate(net, task, data.test, data.test_idx, runtime, cfg.engine.eval_batch_size))
+        if "linear" in cfg.transfer.protocols:
+            src = data.labeled if cfg.transfer.data is None else build_source(cfg.transfer.data, image_size=data.image_size, channels=data.channels)
+            idx = labeled_subset(src.labels, cfg.transfer.label_fraction, cfg.seed)
+            probe = linear_probe(net, task, (src, idx), (data.test, data.test_idx), runtime, steps=cfg.transfer.steps, lr=cfg.transfer.linear_lr, seed=cfg.seed)
+            metrics.update({f"linear.{k}": v for k, v in probe.items()})
+        if "finetune" in cfg.transfer.protocols:
+            tuned = finetune(net, cfg, data, runtime, folder / f"finetune-{method}-r{round_}")
+            metrics.update({f"finetune.{k}": v for k, v in tuned.items()})
+        rows += [ResultRow(metric=k, value=round(float(v), 4), **base) for k, v in metrics.items()]
+        log.info("transfer: %s (round %d): %s", method, round_, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    ResultsTable(run.results).add(rows)
+    atomic_write_text(folder / "done.json", json.dumps({"rows": len(rows), "time": time.time()}))
+    return rows

@@ -1,0 +1,155 @@
+"""The whole pipeline on a tiny real run, through the CLI and the Python API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import tiny_overrides
+from selftrain.cli import app
+from selftrain.config import build_config
+from selftrain.pipeline import run_pipeline
+from selftrain.results import COLUMNS
+from selftrain.store import PseudoLabelStore
+
+runner = CliRunner()
+
+
+def _cli(*args: str):
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_cli_end_to_end_and_resume_is_a_no_op(small_idx, tmp_path):
+    out = tmp_path / "run"
+    sets = [a for o in tiny_overrides(small_idx) + ["transfer.protocols=[evaluate, linear]"] for a in ("--set", o)]
+    _cli("run", "--out", str(out), *sets)
+    for rel in ["config.yaml", "run.json", "data.json", "teach/model.safetensors", "teach/model.json",
+                "label/round-1/manifest.json", "label/round-1/selection.parquet", "student/round-1/model.safetensors",
+                "student/round-1/metrics.jsonl", "results.csv"]:  # fmt: skip
+        assert (out / rel).exists(), rel
+    split = json.loads((out / "splits" / "labeled-0.1-seed0.json").read_text())
+    n_labeled = len(split["keys"])
+    assert 100 <= n_labeled <= 140
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["selftrain"] and "git_commit" in run_info
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert tuple(rows[0].keys()) == COLUMNS
+    methods = {(r["method"], r["round"], r["metric"]) for r in rows}
+    assert {("supervised", "0", "top1"), ("self-training", "1", "top1"), ("self-training", "1", "linear.top1")} <= methods
+    manifest = json.loads((out / "label/round-1/manifest.json").read_text())
+    stats = manifest["stats"]["classification"]
+    assert manifest["processed"] + manifest["skipped"] == manifest["total"] == 1200 - n_labeled
+    assert 0 <= stats["accuracy_all"] <= 1 and sum(stats["per_class"]) == stats["kept"]
+
+    before = (out / "student/round-1/model.safetensors").stat().st_mtime_ns
+    _cli("run", "--out", str(out), *sets)  # everything done: nothing retrained
+    assert (out / "student/round-1/model.safetensors").stat().st_mtime_ns == before
+    _cli("report", str(out))
+    assert (out / "report.html").exists() and (out / "report.md").exists()
+
+
+def test_a_different_config_in_the_same_folder_is_refused(small_idx, tmp_path):
+    cfg = build_config({}, tiny_overrides(small_idx) + ["stages=[teach]"])
+    run_pipeline(cfg, tmp_path)
+    other = build_config({}, tiny_overrides(small_idx) + ["stages=[teach]", "teach.steps=31"])
+    with pytest.raises(ValueError, match="different config"):
+        run_pipeline(other, tmp_path)
+
+
+def test_config_errors_exit_with_a_clear_message(tmp_path):
+    result = runner.invoke(app, ["config", "--set", "student.stepz=3"])
+    assert result.exit_code != 0
+
+    proc = subprocess.run([sys.executable, "-c", "from selftrain.cli import main; main()", "config", "--set", "student.stepz=3"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "student.stepz: unknown key" in proc.stderr
+
+
+def test_rounds_and_hard_balanced_labels(small_idx, tmp_path):
+    cfg = build_config({}, tiny_overrides(small_idx) + ["student.rounds=2", "label.hard=true", "label.balance=true", "label.threshold=0.3", "student.init=teacher"])
+    run_pipeline(cfg, tmp_path)
+    m2 = json.loads((tmp_path / "label/round-2/manifest.json").read_text())
+    assert m2["round"] == 2 and m2["filter"]["balance"] is True
+    per_class = m2["stats"]["classification"]["per_class"]
+    assert len({c for c in per_class if c > 0}) == 1  # balanced: every present class has K records
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert {r["round"] for r in rows if r["method"] == "self-training"} == {"1", "2"}
+
+
+def _write_folder(root: Path, images: np.ndarray, labels: np.ndarray | None, classes: list[str]) -> None:
+    for i, img in enumerate(images):
+        folder = root / classes[labels[i]] if labels is not None else root / f"part{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).convert("RGB").save(folder / f"{i:04d}.png")
+
+
+def test_imagefolder_pipeline_with_bad_images(small_idx, tmp_path):
+    from selftrain.data import build_source
+
+    src = build_source(small_idx["train"])
+    x = src.load_batch(np.arange(300))[:, 0].numpy()
+    y = src.labels[:300]
+    classes = [f"class_{c}" for c in range(10)]
+    _write_folder(tmp_path / "train", x[:100], y[:100], classes)
+    _write_folder(tmp_path / "pool", x[100:220], None, classes)
+    _write_folder(tmp_path / "test", x[220:], y[220:], classes)
+    (tmp_path / "pool" / "part0" / "zero.jpg").write_bytes(b"")
+    (tmp_path / "pool" / "part1" / "garbage.png").write_bytes(os.urandom(300))
+    (tmp_path / "train" / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    overrides = tiny_overrides(small_idx) + [
+        f"data.labeled=imagefolder:{tmp_path / 'train'}", f"data.unlabeled=imagefolder:{tmp_path / 'pool'}",
+        f"data.test=imagefolder:{tmp_path / 'test'}", "data.label_fraction=1.0", "data.image_size=28", "data.channels=1",
+    ]  # fmt: skip
+    run_pipeline(build_config({}, overrides), tmp_path / "out")
+    manifest = json.loads((tmp_path / "out/label/round-1/manifest.json").read_text())
+    assert manifest["total"] == 122 and manifest["skipped"] == 2 and manifest["processed"] == 120
+    assert {s["key"] for s in manifest["skips"]} == {"part0/zero.jpg", "part1/garbage.png"}
+    data = json.loads((tmp_path / "out/data.json").read_text())
+    assert data["labeled"]["skipped"] == 1 and data["labeled"]["processed"] + 1 == data["labeled"]["total"]
+    with pytest.raises(Exception, match="broken.jpg"):
+        run_pipeline(build_config({}, overrides + ["data.strict=true"]), tmp_path / "strict")
+
+
+LABEL_SCRIPT = """
+import sys
+from selftrain.config import build_config
+from selftrain.pipeline import run_pipeline
+run_pipeline(build_config({}, sys.argv[2:]), sys.argv[1], stages=["label"])
+"""
+
+
+def test_label_killed_and_resumed_gives_the_records_of_an_uninterrupted_run(small_idx, tmp_path):
+    overrides = tiny_overrides(small_idx) + ["label.shard_size=64", "label.batch_size=32"]
+    cfg = build_config({}, overrides)
+    run_pipeline(cfg, tmp_path / "a", stages=["teach", "label"])
+    killed = tmp_path / "b"
+    run_pipeline(cfg, killed, stages=["teach"])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    kills = 0
+    for delay in (1.2, 1.6, 2.0):
+        proc = subprocess.Popen([sys.executable, "-c", LABEL_SCRIPT, str(killed), *overrides], env=env)
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    subprocess.run([sys.executable, "-c", LABEL_SCRIPT, str(killed), *overrides], env=env, check=True)
+    a = PseudoLabelStore(tmp_path / "a/label/round-1").read()
+    b = PseudoLabelStore(killed / "label/round-1").read()
+    n_pool = 1200 - len(json.loads((killed / "splits" / "labeled-0.1-seed0.json").read_text())["keys"])
+    assert a.num_rows == b.num_rows == n_pool and len(set(b.column("key").to_pylist())) == n_pool
+    assert a.equals(b)
+    assert not list((killed / "label/round-1").glob("*.tmp*"))
+    assert kills >= 1
