@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -153,3 +154,48 @@ def test_label_killed_and_resumed_gives_the_records_of_an_uninterrupted_run(smal
     assert a.equals(b)
     assert not list((killed / "label/round-1").glob("*.tmp*"))
     assert kills >= 1
+
+
+TEACH_SCRIPT = """
+import sys
+from selftrain.config import build_config
+from selftrain.pipeline import run_pipeline
+run_pipeline(build_config({}, sys.argv[2:]), sys.argv[1], stages=["teach"])
+"""
+
+
+def test_teach_killed_and_resumed_gives_the_weights_of_an_uninterrupted_run(small_idx, tmp_path):
+    from safetensors.torch import load_file
+
+    overrides = tiny_overrides(small_idx) + ["teach.steps=160", "engine.checkpoint_every=20", "engine.threads=1"]
+    run_pipeline(build_config({}, overrides), tmp_path / "a", stages=["teach"])
+    killed = tmp_path / "b"
+    ckpt_dir = killed / "teach" / "checkpoints"
+    kills = 0
+    for _ in range(2):  # kill twice, each time just after a new checkpoint appeared
+        seen = set(ckpt_dir.glob("step-*")) if ckpt_dir.exists() else set()
+        proc = subprocess.Popen([sys.executable, "-c", TEACH_SCRIPT, str(killed), *overrides])
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ckpt_dir.exists() and set(ckpt_dir.glob("step-*")) - seen:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.05)
+        proc.wait()
+    subprocess.run([sys.executable, "-c", TEACH_SCRIPT, str(killed), *overrides], check=True)
+    a = load_file(tmp_path / "a" / "teach" / "model.safetensors")
+    b = load_file(killed / "teach" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert kills == 2
+
+
+def test_demo_grid_writes_one_folder_per_cell_and_a_report(small_idx, tmp_path):
+    sets = [a for o in tiny_overrides(small_idx) for a in ("--set", o)]
+    result = _cli("demo", "--out", str(tmp_path), "--seeds", "0,1", "--label-fractions", "0.05,0.1", *sets)
+    for fraction in ("0.05", "0.1"):
+        for seed in (0, 1):
+            assert (tmp_path / f"fraction-{fraction}" / f"seed-{seed}" / "results.csv").exists()
+    assert "supervised" in result.output and "self-training" in result.output
+    html = (tmp_path / "report.html").read_text()
+    assert "<table" in html and "data-mean" in html

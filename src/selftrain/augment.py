@@ -10,6 +10,11 @@ S3         flip + large scale jitter (0.5-2.0) + AutoAugment
 S4         flip + large scale jitter (0.5-2.0) + RandAugment (2 ops, magnitude 10)
 =========  ==========================================================================
 
+RandAugment uses the operations of Cubuk et al. 2020 (:data:`RANDAUGMENT_OPS`). kornia's
+default list adds ``invert`` and ``solarize_add``, and we also leave out ``solarize``: on
+dark-background images (Fashion-MNIST, MNIST) these flip most pixels, and with them a
+student at 800 steps lost 3.5 points of accuracy instead of gaining (measured, 1% labels).
+
 Why batches, and why kornia: per-sample torchvision v2 pipelines cost 170 us (S1) to 900 us
 (S4) per 28 px image on one CPU core, more than the training step itself; kornia draws
 independent parameters for every sample of a batch and applies them in a few vectorized
@@ -25,6 +30,13 @@ import torch
 from torch import nn
 
 from selftrain.config import AUGMENT_STRENGTHS
+
+
+RANDAUGMENT_OPS = [
+    [("auto_contrast", 0, 1)], [("equalize", 0, 1)], [("rotate", -30.0, 30.0)], [("posterize", 4.0, 8.0)],
+    [("color", 0.1, 1.9)], [("contrast", 0.1, 1.9)], [("brightness", 0.1, 1.9)], [("sharpness", 0.1, 1.9)],
+    [("shear_x", -0.3, 0.3)], [("shear_y", -0.3, 0.3)], [("translate_x", -0.1, 0.1)], [("translate_y", -0.1, 0.1)],
+]  # fmt: skip
 
 
 class BatchAugment(nn.Module):
@@ -50,7 +62,7 @@ class BatchAugment(nn.Module):
         if strength in ("S2", "S3"):
             self.photometric = AutoAugment("imagenet")
         elif strength == "S4":
-            self.photometric = RandAugment(n=2, m=10)
+            self.photometric = RandAugment(n=2, m=10, policy=RANDAUGMENT_OPS)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -126,6 +127,9 @@ def version() -> None:
 
 
 def main() -> None:
+    if not sys.stderr.isatty():
+        # Progress bars redrawn ten times a second flood CI logs and files; once every 30 s is plenty.
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     try:
         app()
     except ConfigError as err:

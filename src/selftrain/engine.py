@@ -105,7 +105,7 @@ class BatchIndices:
 
 
 def build_optimizer(params, cfg: OptimConfig, steps: int):
-    """SGD (Nesterov) or AdamW, with a one-cycle, cosine or constant schedule."""
+    """SGD (Nesterov) or AdamW; linear warmup, then cosine decay to zero or a constant rate."""
     decay = [p for p in params if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in params if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
