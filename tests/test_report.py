@@ -198,3 +198,20 @@ def test_empty_folder_renders_an_empty_report(tmp_path: Path) -> None:
     assert format_table(summary) == "No results."
     with pytest.raises(FileNotFoundError):
         build_report(tmp_path / "missing")
+
+
+def test_histograms_from_selection_stats_are_read_with_their_split():
+    """The store writes correct/wrong histograms as bare count lists sharing the main edges."""
+    import numpy as np
+
+    from selftrain.report import _hist
+    from selftrain.selection import select_records, selection_stats
+
+    label = np.array([0, 1, 1, 0])
+    conf = np.array([0.95, 0.4, 0.8, 0.99], dtype=np.float32)
+    rows, repeat = select_records(label, conf)
+    stats = selection_stats(label, conf, rows, repeat, 2, truth=np.array([0, 0, 1, 0]))
+    edges, total = _hist(stats, "confidence_histogram")
+    _, correct = _hist(stats, "confidence_histogram_correct", edges)
+    _, wrong = _hist(stats, "confidence_histogram_wrong", edges)
+    assert correct.sum() == 3 and wrong.sum() == 1 and np.array_equal(correct + wrong, total)

@@ -286,9 +286,12 @@ def _plot_accuracy(summary: dict[str, Any]) -> bytes | None:
 def _hist(stats: dict[str, Any], key: str, edges: np.ndarray | None = None) -> tuple[np.ndarray, ...] | None:
     """``(edges, counts)`` of a well-formed histogram; given ``edges``, only one on those bins.
 
-    The correct/wrong histograms may omit their edges: they share the main histogram's.
+    The correct/wrong histograms may omit their edges, or be bare count lists (as
+    :func:`selftrain.selection.selection_stats` writes them): they share the main one's edges.
     """
     hist = stats.get(key)
+    if isinstance(hist, list):
+        hist = {"counts": hist}
     try:
         own = np.asarray(hist.get("edges", edges), float)
         counts = np.asarray(hist["counts"], float)
