@@ -119,7 +119,7 @@ class TransferConfig(_Strict):
     batch_size: int = Field(128, ge=1)
     augment: Augment = "S1"
     optim: OptimConfig = OptimConfig()
-    linear_lr: float = Field(0.1, gt=0)
+    linear_lr: float = Field(0.01, gt=0, description="AdamW rate of the full-batch linear probe")
 
 
 class EngineConfig(_Strict):

@@ -61,7 +61,7 @@ def linear_probe(net: Network, task, train: tuple[Source, np.ndarray], test: tup
     ytr = torch.tensor(train[0].labels[train[1]])
     torch.manual_seed(seed)
     head = nn.Linear(xtr.shape[1], task.num_classes)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr * 0.1, weight_decay=1e-4)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     for _ in range(steps):
         opt.zero_grad()
         nn.functional.cross_entropy(head(xtr), ytr).backward()
