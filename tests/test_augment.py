@@ -45,3 +45,13 @@ def test_same_seed_same_augmentation():
 def test_unknown_strength():
     with pytest.raises(ValueError, match="unknown augmentation strength 'S7'"):
         BatchAugment("S7")
+
+
+def test_s4_randaugment_leaves_out_pixel_inverting_ops():
+    """kornia's default policy adds invert/solarize, which cost 3.5 points on dark-background images."""
+    from selftrain.augment import RANDAUGMENT_OPS
+
+    names = {op for sub in RANDAUGMENT_OPS for op, *_ in sub}
+    assert not names & {"invert", "solarize", "solarize_add"}
+    ops = {type(m).__name__.lower() for m in BatchAugment("S4").photometric.modules()}
+    assert not any(name.startswith(("invert", "solarize")) for name in ops)
