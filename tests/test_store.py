@@ -259,7 +259,18 @@ def _kill_and_resume(
         elif select.select([proc.stdout], [], [], 30)[0]:
             line = proc.stdout.readline().split()
             pending = int(line[1]) if len(line) == 2 else 0
-            time.sleep(rng.uniform(0.0, min(0.8 * pending * (delay + 0.02), max_wait)))
+            if pending >= 2 and rng.random() < 0.5:
+                # Kill once a random number of new shards is on disk (then a random part of one
+                # shard's time): lands mid-run however fast or loaded the machine is.
+                target = len(list(b.glob("shard-*.parquet"))) + rng.randint(1, pending - 1)
+                deadline = time.monotonic() + 60
+                while len(list(b.glob("shard-*.parquet"))) < target and proc.poll() is None:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.005)
+                time.sleep(rng.uniform(0.0, delay))
+            else:
+                time.sleep(rng.uniform(0.0, min(0.8 * pending * (delay + 0.02), max_wait)))
         alive = proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)

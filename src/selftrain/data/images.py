@@ -26,10 +26,10 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 # Exceptions Pillow raises for damaged pixel data. Pillow is not consistent about
 # which one a given plugin uses, so all of them mean "corrupt" here.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 
 _ALPHA_MODES = {"LA", "La", "RGBA", "RGBa", "PA", "P"}
-_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def decode_image(
@@ -79,7 +79,7 @@ def decode_image(
         except UnidentifiedImageError as exc:
             reason = "not a recognized image (no decoder accepts its header)"
             raise BadImageError(path_str, reason) from exc
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             raise BadImageError(path_str, f"truncated or corrupt image data ({exc})") from exc
         with image:
             rgb_or_l = _decode_opened(image, path_str, channels, max_pixels)
@@ -102,7 +102,7 @@ def _decode_opened(image: Image.Image, path: str, channels: int, max_pixels: int
         return _normalize_mode(image, channels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImageError(path, f"decompression bomb: {exc}") from exc
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         raise BadImageError(path, f"truncated or corrupt image data ({exc})") from exc
 
 
@@ -122,7 +122,7 @@ def _exif_transpose(image: Image.Image) -> Image.Image:
 def _normalize_mode(image: Image.Image, channels: int) -> Image.Image:
     """Map any Pillow mode to "L" (channels=1) or "RGB" (channels=3)."""
     mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+    if mode in SIXTEEN_BIT_MODES or mode in ("I", "F"):
         image = _rescale_to_l(image)
     elif mode == "1":
         image = image.convert("L")
@@ -152,7 +152,7 @@ def _rescale_to_l(image: Image.Image) -> Image.Image:
     Floats in 0..1 are multiplied by 255; anything else is min-max scaled.
     """
     values = np.asarray(image)
-    if image.mode in _SIXTEEN_BIT_MODES:
+    if image.mode in SIXTEEN_BIT_MODES:
         scaled = _div257(values)
     else:
         values = values.astype(np.float64)

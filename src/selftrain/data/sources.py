@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger("selftrain.data")
 
-KNOWN_SCHEMES = ("fashion-mnist", "idx", "imagefolder")
+KNOWN_SCHEMES = ("fashion-mnist", "idx", "imagefolder", "scenes", "coco", "voc", "depth", "keypoints")
 
 # Progress bars for a few hundred images are noise in logs.
 _PROGRESS_MIN_ITEMS = 1000
@@ -31,8 +31,8 @@ class DataError(ValueError):
     """A data source cannot be used: bad URI, missing files, malformed file."""
 
 
-class BadImageError(DataError):
-    """One image cannot be decoded.
+class BadFileError(DataError):
+    """One file (an image, an annotation) cannot be used.
 
     Attributes:
         path: The offending file.
@@ -48,6 +48,10 @@ class BadImageError(DataError):
         # The default pickling passes the formatted message as the only
         # argument, which breaks re-raising across processes (e.g. workers).
         return (type(self), (self.path, self.reason))
+
+
+class BadImageError(BadFileError):
+    """One image cannot be decoded."""
 
 
 class Source:
@@ -229,7 +233,12 @@ def build_source(
     """Open the source named by ``uri``.
 
     Schemes: ``fashion-mnist`` / ``fashion-mnist:train`` / ``fashion-mnist:test``,
-    ``idx:PREFIX``, ``imagefolder:DIR`` (optionally ``?labels=none``).
+    ``idx:PREFIX``, ``imagefolder:DIR`` (optionally ``?labels=none``), and generated scene sets
+    with boxes, masks and depth, ``scenes:train`` / ``scenes:test`` (optionally
+    ``?n=2000&size=64&seed=0&items=1-5&scale=0.6-1.6&classes=...``, see
+    :func:`selftrain.data.scenes.build_scenes`). Dense annotations in their real formats:
+    ``coco:ANNOTATIONS.json``, ``voc:ROOT``, ``depth:ROOT``, ``keypoints:FILE.csv|.json`` (see
+    :mod:`selftrain.data.annotations`).
 
     Args:
         uri: Source URI.
@@ -266,5 +275,20 @@ def build_source(
         from selftrain.data.imagefolder import build_imagefolder
 
         return build_imagefolder(uri, rest, image_size=image_size, channels=channels, strict=strict)
+    if scheme == "scenes" or scheme.startswith("scenes?"):
+        from selftrain.data.scenes import build_scenes
+
+        # "scenes?n=..." has no split: passing "" gets the "use scenes:train or scenes:test" error.
+        return build_scenes(uri, rest if scheme == "scenes" else "", image_size=image_size, channels=channels)
+    if scheme in ("coco", "voc", "depth", "keypoints"):
+        from selftrain.data.annotations import (
+            build_coco,
+            build_depth,
+            build_keypoints,
+            build_voc,
+        )
+
+        builder = {"coco": build_coco, "voc": build_voc, "depth": build_depth, "keypoints": build_keypoints}[scheme]
+        return builder(uri, rest, image_size=image_size, channels=channels, strict=strict)
     known = ", ".join(KNOWN_SCHEMES)
     raise DataError(f"{uri}: unknown source scheme {scheme!r}; known schemes: {known}")
