@@ -34,7 +34,12 @@ def test_bad_value_names_key_and_allowed():
 
 
 def test_unknown_task():
-    with pytest.raises(ConfigError, match="unknown task 'segmentation'; known: classification"):
+    with pytest.raises(ConfigError, match="unknown task 'panoptic'; known: classification, depth, detection"):
+        build_config({"task": "panoptic"})
+
+
+def test_task_the_stages_do_not_run_yet_is_refused_clearly():
+    with pytest.raises(ConfigError, match="task 'segmentation' has its head.*tasks the stages run: classification"):
         build_config({"task": "segmentation"})
 
 

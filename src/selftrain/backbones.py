@@ -23,6 +23,16 @@ def _conv_bn(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def _pyramid(features: nn.Sequential, ends: tuple[int, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """Runs ``features`` and keeps the output of each layer whose index is in ``ends``."""
+    maps = []
+    for i, layer in enumerate(features):
+        x = layer(x)
+        if i in ends:
+            maps.append(x)
+    return maps
+
+
 class SmallCNN(nn.Module):
     """A VGG-style 5-conv network for 28-32 px images; ~0.1M parameters at width 24.
 
@@ -54,6 +64,27 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    #: Indices into ``features`` after which a pyramid level ends (just before each pooling).
+    pyramid_ends = (1, 4, 6)
+
+    @property
+    def pyramid_channels(self) -> list[int]:
+        """Channels of the :meth:`forward_pyramid` maps: ``[w, 2w, 4w]``."""
+        w = self.num_features // 4
+        return [w, 2 * w, 4 * w]
+
+    @property
+    def pyramid_strides(self) -> list[int]:
+        return [1, 2, 4]
+
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of each conv group, fine to coarse: (B, w, H, W), (B, 2w, H/2, W/2), (B, 4w, H/4, W/4).
+
+        The maps are taken just before each pooling, so the finest level keeps full resolution for
+        dense heads; the same ``features`` modules run, so a classification checkpoint applies as is.
+        """
+        return _pyramid(self.features, self.pyramid_ends, x)
+
     def get_classifier(self) -> nn.Module:
         return self.fc
 
@@ -84,7 +115,11 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     """
     from selftrain.checkpoint import read_state_dict
 
-    state = read_state_dict(path)
+    _load_state(model, read_state_dict(path), path)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Loads ``state`` non-strictly, dropping shape mismatches and logging what did not load."""
     own = model.state_dict()
     if not set(state) & set(own):
         raise ValueError(f"{path}: no parameter matches the {type(model).__name__} backbone")
@@ -112,3 +147,95 @@ def build_backbone(name: str, *, num_classes: int, in_chans: int, drop_rate: flo
     if weights:
         load_weights(model, weights)
     return model
+
+
+# --------------------------------------------------------------------------- feature pyramids
+
+
+class FeatureBackbone(nn.Module):
+    """A backbone that returns a feature pyramid, for the dense tasks' decoders.
+
+    ``forward(x)`` returns one map per level, fine to coarse; level ``i`` has ``channels[i]``
+    channels and ``strides[i]`` input pixels per map pixel. Dense heads only need these two lists,
+    so selftrain's small CNNs and any timm model look alike to them.
+
+    Attributes:
+        channels: Channels of each level, fine to coarse.
+        strides: Stride of each level relative to the input, fine to coarse (increasing).
+        weight_prefix: What to put before a plain backbone's parameter names so they match this
+            module's own (the wrapper's attribute name), used when loading a classification checkpoint.
+    """
+
+    channels: list[int]
+    strides: list[int]
+    weight_prefix: str = ""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class SmallCNNFeatures(FeatureBackbone):
+    """The conv groups of :class:`SmallCNN` at strides 1, 2 and 4.
+
+    Holds ``features`` itself (not a whole ``SmallCNN``), so its parameter names are exactly the
+    classification model's (``features.0.0.weight`` ...) and its checkpoints load unchanged.
+    """
+
+    def __init__(self, cnn: SmallCNN) -> None:
+        super().__init__()
+        self.features = cnn.features
+        self.channels = cnn.pyramid_channels
+        self.strides = cnn.pyramid_strides
+        self.ends = cnn.pyramid_ends
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return _pyramid(self.features, self.ends, x)
+
+
+class TimmFeatures(FeatureBackbone):
+    """A timm model built with ``features_only=True``; levels and strides from its ``feature_info``."""
+
+    weight_prefix = "body."
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.channels = list(body.feature_info.channels())
+        self.strides = list(body.feature_info.reduction())
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.body(x))
+
+
+def build_feature_backbone(name: str, *, in_chans: int, weights: str | None = None) -> FeatureBackbone:
+    """Builds the feature-pyramid form of backbone ``name`` (selftrain's CNNs or any timm model).
+
+    Args:
+        name: A registered SmallCNN name (``cnn-tiny``/``cnn-small``/``cnn-base``: levels at strides
+            1, 2, 4) or a timm model name (``features_only=True``: usually strides 2 to 32).
+        in_chans: Input channels.
+        weights: Optional local weights file: a backbone state dict or a whole classification
+            network's (``backbone.``-prefixed, as the stages export); the classifier is ignored.
+
+    Raises:
+        ValueError: ``name`` is neither registered nor a timm model, or ``weights`` matches nothing.
+    """
+    if name in BACKBONES:
+        model = BACKBONES.get(name)(num_classes=0, in_chans=in_chans)
+        if not isinstance(model, SmallCNN):
+            raise ValueError(f"backbone {name!r} has no feature-pyramid form")
+        backbone: FeatureBackbone = SmallCNNFeatures(model)
+    else:
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(f"unknown backbone {name!r}: not one of {BACKBONES.names()} nor a timm model name")
+        backbone = TimmFeatures(timm.create_model(name, pretrained=False, features_only=True, in_chans=in_chans))
+    if weights:
+        from selftrain.checkpoint import read_state_dict
+
+        state = read_state_dict(weights)
+        if any(k.startswith("backbone.") for k in state):  # a whole Network: keep its backbone only
+            state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        _load_state(backbone, {backbone.weight_prefix + k: v for k, v in state.items()}, weights)
+    return backbone

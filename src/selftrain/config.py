@@ -29,6 +29,11 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the dotted key and what is allowed."""
 
 
+#: Tasks that teach / label / student / transfer can run end to end (the dense tasks have their
+#: modules in selftrain.tasks; wiring them into the stages is in progress).
+PIPELINE_TASKS = ("classification",)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -166,6 +171,11 @@ class Config(_Strict):
 
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS.names())}")
+        if task not in PIPELINE_TASKS:
+            raise ValueError(
+                f"task {task!r} has its head, loss and metrics (selftrain.tasks.{task}) but the stages "
+                f"do not train it yet; tasks the stages run: {', '.join(PIPELINE_TASKS)}"
+            )
         return task
 
 

@@ -4,4 +4,4 @@ from selftrain.registry import Registry
 
 TASKS: Registry = Registry("task")
 
-from selftrain.tasks import classification  # noqa: E402,F401  (registers itself)
+from selftrain.tasks import classification, depth, detection, keypoints, segmentation  # noqa: F401  (register themselves)
