@@ -39,8 +39,9 @@ def test_unknown_task():
 
 
 def test_task_the_stages_do_not_run_yet_is_refused_clearly():
-    with pytest.raises(ConfigError, match="task 'segmentation' has its head.*tasks the stages run: classification"):
-        build_config({"task": "segmentation"})
+    with pytest.raises(ConfigError, match="task 'keypoints' has its head.*tasks the stages run: classification, segmentation"):
+        build_config({"task": "keypoints"})
+    assert build_config({"task": "segmentation"}).task == "segmentation"  # the dense tasks the stages run
 
 
 def test_dotted_overrides_parse_yaml_values():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 AUGMENT_STRENGTHS = ("none", "S1", "S2", "S3", "S4")
 Augment = Literal["none", "S1", "S2", "S3", "S4"]
@@ -29,9 +29,11 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the dotted key and what is allowed."""
 
 
-#: Tasks that teach / label / student / transfer can run end to end (the dense tasks have their
-#: modules in selftrain.tasks; wiring them into the stages is in progress).
-PIPELINE_TASKS = ("classification",)
+#: Tasks that teach / label / student / transfer run end to end (keypoints has its module in
+#: selftrain.tasks but no source in the stages' data path yet).
+PIPELINE_TASKS = ("classification", "segmentation", "depth", "detection")
+#: Tasks with one target dict per image (boxes, masks, depth maps) rather than a class per image.
+DENSE_TASKS = ("segmentation", "depth", "detection")
 
 
 class _Strict(BaseModel):
@@ -87,11 +89,19 @@ class TeachConfig(_Strict):
 class LabelConfig(_Strict):
     """How the teacher pseudo-labels the pool (Zoph et al. 2020; Xie et al. 2020)."""
 
-    temperature: float = Field(0.5, gt=0, description="softmax temperature of soft labels (< 1 sharpens)")
-    hard: bool = Field(False, description="one-hot labels instead of soft probabilities")
-    threshold: float = Field(0.0, ge=0, le=1, description="keep records with confidence >= this")
-    balance: bool = Field(False, description="Noisy Student class balancing: top-K per class, duplicate rare classes")
+    temperature: float = Field(0.5, gt=0, description="classification: softmax temperature of soft labels (< 1 sharpens)")
+    hard: bool = Field(False, description="classification: one-hot labels instead of soft probabilities")
+    threshold: float = Field(
+        0.0, ge=0, le=1, description="keep records with confidence >= this; a record's confidence is the top "
+        "softmax (classification), the mean pixel confidence (segmentation), the mean score of its boxes "
+        "(detection; 0 without a box); depth has none, so it must stay 0",
+    )  # fmt: skip
+    balance: bool = Field(False, description="classification: Noisy Student class balancing: top-K per class, duplicate rare classes")
     per_class: int | None = Field(None, ge=1, description="K for balancing; None: median kept count")
+    pixel_threshold: float = Field(
+        0.5, ge=0, le=1, description="segmentation: pixels whose teacher confidence is under this are ignored (255)"
+    )
+    box_threshold: float = Field(0.5, ge=0, le=1, description="detection: teacher boxes scoring under this are dropped")
     batch_size: int = Field(512, ge=1)
     shard_size: int = Field(4096, ge=1, description="pool images per store shard")
 
@@ -178,6 +188,28 @@ class Config(_Strict):
             )
         return task
 
+    @model_validator(mode="after")
+    def _dense_options(self) -> Config:
+        """Options that mean nothing for a dense task are errors, not silently ignored."""
+        if self.task not in DENSE_TASKS:
+            return self
+        t = self.task
+        problems = []
+        if self.label.balance or self.label.per_class is not None:
+            problems.append(f"label.balance / label.per_class: class balancing is for classification, not {t}")
+        if {"temperature", "hard"} & self.label.model_fields_set:
+            problems.append(f"label.temperature / label.hard: classification options; {t} pseudo labels are "
+                            "hard masks, teacher depth maps or scored boxes")  # fmt: skip
+        if t == "depth" and self.label.threshold > 0:
+            problems.append("label.threshold: depth pseudo labels have no confidence to filter on; leave it 0")
+        if self.teach.label_smoothing > 0:
+            problems.append(f"teach.label_smoothing: for classification only, not {t}")
+        if set(self.transfer.protocols) - {"evaluate"}:
+            problems.append(f"transfer.protocols: linear and finetune are classification protocols; {t} runs only evaluate")
+        if problems:
+            raise ValueError(f"task {t!r}: " + "; ".join(problems))
+        return self
+
 
 def _describe(model: type[BaseModel], loc: tuple) -> str:
     """Names the keys allowed at the parent of ``loc``, for an unknown-key message."""
@@ -198,6 +230,8 @@ def _format_errors(err: ValidationError, source: str) -> ConfigError:
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key{_describe(Config, e['loc'])}")
+        elif not key:  # a check across sections: its message names the keys itself
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return ConfigError(f"invalid config {source}:\n" + "\n".join(lines))

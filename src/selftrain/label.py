@@ -6,6 +6,11 @@ ends with exactly the records of an uninterrupted run. Memory holds one shard at
 After the last shard, filtering (confidence threshold) and Noisy Student class balancing
 pick the records the student learns from (``selection.parquet``), and the manifest, with
 the statistics, is written last.
+
+What a record holds is the task's business (``task.encode_records``; dense columns are listed
+in :mod:`selftrain.tasks.dense`). Dense tasks are filtered by ``label.threshold`` on their
+per-record confidence and never class-balanced; their statistics measure the pseudo labels
+against the pool's hidden targets where it has them (scenes).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from selftrain.network import Network, load_network
 from selftrain.outputs import RunFolder
 from selftrain.selection import select_records, selection_stats
 from selftrain.store import PseudoLabelStore
-from selftrain.tasks import TASKS
+from selftrain.tasks import build_task
 from selftrain.teach import teacher_for_round
 
 log = logging.getLogger("selftrain.label")
@@ -63,7 +68,7 @@ def _load_images(source, indices: np.ndarray, strict: bool) -> tuple[torch.Tenso
 @torch.no_grad()
 def label_shard(teacher: Network, task, cfg: Config, data, runtime: Runtime, indices: np.ndarray) -> tuple[pa.Table, list[dict]]:
     """Teacher predictions for one input shard -> (store table, skipped images)."""
-    columns: dict[str, list] = {}
+    parts: list[dict] = []
     keys, kept, skips = [], [], []
     for start in range(0, len(indices), cfg.label.batch_size):
         batch, good, bad = _load_images(data.pool, indices[start : start + cfg.label.batch_size], cfg.data.strict)
@@ -71,18 +76,14 @@ def label_shard(teacher: Network, task, cfg: Config, data, runtime: Runtime, ind
         if len(good) == 0:
             continue
         with runtime.autocast():
-            logits = teacher(runtime.images(batch))
-        enc = task.encode_pseudo(logits, temperature=cfg.label.temperature, hard=cfg.label.hard)
-        for k, v in enc.items():
-            columns.setdefault(k, []).append(v)
+            outputs = teacher(runtime.images(batch))
+        parts.append(task.encode_records(outputs, cfg.label))
         keys += [data.pool.key(int(i)) for i in good]
         kept.append(good)
-    enc = {k: np.concatenate(v) for k, v in columns.items()}
-    if not keys:  # every image of the shard was bad: an empty shard keeps the schema
-        enc = task.encode_pseudo(torch.zeros(0, len(data.classes)))
+    # No part (every image of the shard was bad): an empty shard that keeps the schema.
     table = pa.table(
         {"key": pa.array(keys, pa.string()), "index": pa.array(np.concatenate(kept) if kept else [], pa.int64()),
-         **task.pseudo_table_columns(enc)}
+         **task.pseudo_table_columns(parts)}
     )  # fmt: skip
     return table, skips
 
@@ -92,8 +93,8 @@ def _filter_config(cfg: Config) -> dict:
     return {"temperature": lc.temperature, "hard": lc.hard, "threshold": lc.threshold, "balance": lc.balance, "per_class": lc.per_class}
 
 
-def _finish(store: PseudoLabelStore, cfg: Config, data, round_: int, total: int) -> dict:
-    """Selection + statistics + manifest (written last)."""
+def _classification_selection(store: PseudoLabelStore, cfg: Config, data) -> dict:
+    """Threshold + class balancing over the whole pool; statistics with per-class counts and accuracy."""
     table = store.read(columns=["index", "classification.label", "classification.confidence"], allow_partial=True)
     label = table.column("classification.label").to_numpy()
     conf = table.column("classification.confidence").to_numpy()
@@ -104,7 +105,34 @@ def _finish(store: PseudoLabelStore, cfg: Config, data, round_: int, total: int)
     if data.pool_truth is not None:
         position = {int(i): n for n, i in enumerate(data.pool_idx)}
         truth = data.pool_truth[[position[int(i)] for i in table.column("index").to_numpy()]]
-    stats = selection_stats(label, conf, rows, repeat, k, truth=truth)
+    return selection_stats(label, conf, rows, repeat, k, truth=truth)
+
+
+def _dense_selection(store: PseudoLabelStore, cfg: Config, data, task) -> dict:
+    """Threshold on the per-record confidence; statistics with the pseudo labels' own quality.
+
+    ``quality`` is the task's metric of every record's pseudo label against the pool's hidden
+    targets (segmentation: mIoU over the pixels labelled, and their coverage), when the pool
+    has targets of the labeled source's classes.
+    """
+    table = store.read(columns=["index", f"{task.name}.confidence"], allow_partial=True)
+    conf = table.column(f"{task.name}.confidence").to_numpy()
+    rows, repeat = select_records(np.zeros(len(conf), np.int64), conf, threshold=cfg.label.threshold)
+    store.write_selection(store.make_selection(rows, repeat))
+    stats = selection_stats(np.zeros(len(conf), np.int64), conf, rows, repeat, 1)
+    stats.pop("per_class")  # one pseudo "class": meaningless here
+    stats["records"] = int(len(conf))
+    if data.pool_targets is not None:
+        meter = task.quality_meter()
+        for _, shard in store.iter_shards(["index", *task.pseudo_column_names()], allow_partial=True):
+            meter.update(task.decode_rows(shard), task.metric_targets(data.pool, shard.column("index").to_numpy()))
+        stats["quality"] = {k: float(v) for k, v in meter.compute().items()}
+    return stats
+
+
+def _finish(store: PseudoLabelStore, cfg: Config, data, round_: int, total: int, task) -> dict:
+    """Selection + statistics + manifest (written last)."""
+    stats = _dense_selection(store, cfg, data, task) if task.dense else _classification_selection(store, cfg, data)
     skips = []
     for f in sorted((store.root / "skips").glob("shard-*.json")):
         skips += json.loads(f.read_text())
@@ -124,12 +152,13 @@ def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1) 
         raise ValueError("label: the config has no unlabeled pool (data.unlabeled)")
     folder = run.stage("label", round_)
     teacher_path = teacher_for_round(run, round_)
+    task = build_task(cfg.task, data.classes)
     size = cfg.label.shard_size
     n_shards = (len(data.pool_idx) + size - 1) // size
     fingerprint = {
         "teacher": file_sha256(teacher_path), "pool": data.pool.uri, "pool_size": int(len(data.pool_idx)),
         "pool_first_last": [data.pool.key(int(data.pool_idx[0])), data.pool.key(int(data.pool_idx[-1]))],
-        "temperature": cfg.label.temperature, "hard": cfg.label.hard,
+        **task.pseudo_fingerprint(cfg.label),
     }  # fmt: skip
     store = PseudoLabelStore.create(folder, fingerprint=fingerprint, n_shards=n_shards, shard_size=size, tasks=[cfg.task])
     if store.complete and store.manifest.get("filter") == _filter_config(cfg):
@@ -138,7 +167,6 @@ def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1) 
     teacher = load_network(teacher_path).to(runtime.device).eval()
     if runtime.channels_last:
         teacher.to(memory_format=torch.channels_last)
-    task = TASKS.get(cfg.task)(len(data.classes))
     pending = store.pending_shards()
     (folder / "skips").mkdir(exist_ok=True)
     for shard in tqdm(pending, desc=f"label r{round_}", disable=not cfg.engine.progress, leave=False, unit="shard"):
@@ -147,8 +175,9 @@ def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1) 
         # The skip list goes first: once the shard exists, its skips must be on disk too.
         atomic_write_text(folder / "skips" / f"shard-{shard:05d}.json", json.dumps(skips))
         store.write_shard(shard, table)
-    manifest = _finish(store, cfg, data, round_, int(len(data.pool_idx)))
+    manifest = _finish(store, cfg, data, round_, int(len(data.pool_idx)), task)
     s = manifest["stats"][cfg.task]
     acc = f", pseudo-label accuracy {100 * s['accuracy_all']:.1f}%" if s.get("accuracy_all") is not None else ""
+    acc += "".join(f", pseudo-label {k} {v:.3g}" for k, v in s.get("quality", {}).items())
     log.info("label: round %d: %d records, %d kept, mean confidence %s%s", round_, manifest["n_records"], s["kept"], s["mean_confidence"], acc)
     return folder

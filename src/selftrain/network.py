@@ -2,6 +2,11 @@
 
 The network takes float images in [0, 1] at its own ``image_size`` and normalizes them
 itself, so a teacher loaded from disk labels a pool correctly whoever built it.
+
+For classification the network is the backbone with its classifier (logits out). For a dense
+task (``spec.task`` segmentation, depth, detection) it is the backbone's feature pyramid
+(:func:`~selftrain.backbones.build_feature_backbone`) plus the task's head, and its outputs are
+whatever that head gives (per-pixel logits, log depth, FCOS' dense box predictions).
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selftrain.backbones import build_backbone
+from selftrain.backbones import build_backbone, build_feature_backbone
 from selftrain.checkpoint import read_state_dict
+from selftrain.tasks import TASKS
 
 
 @dataclass
@@ -22,7 +28,7 @@ class NetworkSpec:
     """Everything needed to rebuild a network and feed it images (saved as ``model.json``)."""
 
     backbone: str
-    num_classes: int
+    num_classes: int  # the task's size: classes (segmentation: with the background); 1 for depth
     channels: int
     image_size: int
     mean: list[float]
@@ -32,24 +38,38 @@ class NetworkSpec:
 
 
 class Network(nn.Module):
-    """``backbone(normalize(x))``; ``features(x)`` gives the pooled pre-logit features."""
+    """``backbone(normalize(x))``, or ``head(backbone(normalize(x)))`` for a dense task.
+
+    ``features(x)`` gives the pooled pre-logit features (classification only). For a dense task
+    ``drop_rate`` is not used: the feature pyramid has no dropout layer.
+    """
 
     def __init__(self, spec: NetworkSpec, drop_rate: float = 0.0, weights: str | None = None) -> None:
         super().__init__()
         self.spec = spec
-        self.backbone = build_backbone(
-            spec.backbone, num_classes=spec.num_classes, in_chans=spec.channels, drop_rate=drop_rate, weights=weights
-        )
+        task = TASKS.get(spec.task)
+        if getattr(task, "dense", False):
+            self.backbone = build_feature_backbone(spec.backbone, in_chans=spec.channels, weights=weights)
+            self.head = task(spec.num_classes).build_head(self.backbone.channels, self.backbone.strides)
+        else:
+            self.backbone = build_backbone(
+                spec.backbone, num_classes=spec.num_classes, in_chans=spec.channels, drop_rate=drop_rate, weights=weights
+            )
+            self.head = None
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(x))  # (B, K)
+    def forward(self, x: torch.Tensor):
+        if self.head is None:
+            return self.backbone(self.normalize(x))  # (B, K)
+        return self.head(self.backbone(self.normalize(x)))  # the task head's outputs
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            raise ValueError(f"pooled features (linear / finetune protocols) are for classification, not {self.spec.task}")
         feats = self.backbone.forward_features(self.normalize(x))
         return self.backbone.forward_head(feats, pre_logits=True)  # (B, D)
 

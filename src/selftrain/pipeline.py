@@ -19,6 +19,7 @@ from selftrain.config import Config
 from selftrain.data import Source, build_source, labeled_subset, load_split, save_split, scan
 from selftrain.engine import Runtime, build_runtime
 from selftrain.outputs import RunFolder
+from selftrain.tasks import build_task
 
 log = logging.getLogger("selftrain")
 
@@ -43,6 +44,13 @@ class PreparedData:
         if self.pool is None or self.pool.classes != self.classes:
             return None
         return self.pool.labels[self.pool_idx]
+
+    @property
+    def pool_targets(self) -> Source | None:
+        """The pool, when it has dense targets (``load_targets``) of the teacher's classes."""
+        if self.pool is None or self.pool.classes != self.classes or not hasattr(self.pool, "load_targets"):
+            return None
+        return self.pool
 
 
 def _open(uri: str, cfg: Config, image_size: int | None, channels: int | None) -> Source:
@@ -71,6 +79,8 @@ def prepare_data(cfg: Config, run: RunFolder) -> PreparedData:
         else:
             image_size = int(labeled.load_batch([0]).shape[-1])
     channels = d.channels or labeled.channels
+    task = build_task(cfg.task, labeled.classes)
+    task.check_source(labeled, "data.labeled")
 
     split_path = run.root / "splits" / f"labeled-{d.label_fraction:g}-seed{cfg.seed}.json"
     labeled_idx = labeled_subset(labeled.labels, d.label_fraction, cfg.seed)
@@ -98,6 +108,7 @@ def prepare_data(cfg: Config, run: RunFolder) -> PreparedData:
     test, test_idx = None, np.empty(0, dtype=np.int64)
     if d.test:
         test = _open(d.test, cfg, image_size, channels)
+        task.check_source(test, "data.test")
         test_idx = _scanned(test, cfg, np.arange(len(test)), "test", report)
     atomic_write_text(run.root / "data.json", json.dumps(report, indent=2, default=str))
     return PreparedData(labeled, labeled_idx, pool, pool_idx, test, test_idx, list(labeled.classes), channels, image_size)

@@ -28,7 +28,8 @@ from matplotlib.figure import Figure
 
 from selftrain.atomic import atomic_write_bytes
 from selftrain.results import (
-    BASELINE_METHOD, LINE, SETTING, describe, format_fraction, main_table, read_results,
+    BASELINE_METHOD, LINE, LOWER_IS_BETTER, SETTING, describe, format_fraction, higher_is_better, main_table,
+    read_results,
 )  # fmt: skip
 
 _TABLE = (*SETTING, "metric")
@@ -37,6 +38,12 @@ _DELTA_NOTE = (
     f"Δ: difference of means against the {BASELINE_METHOD} line at the same label fraction; "
     "± is the sample std of the per-seed paired differences (only when both have the same seeds)."
 )
+_LOWER_NOTE = (
+    f"For a metric where lower is better ({', '.join(sorted(LOWER_IS_BETTER - {'loss'}))}), "
+    "a negative Δ is the improvement."
+)
+#: Metrics stored in percent, shown with two decimals.
+_PERCENT = ("top", "acc", "miou", "ap", "delta1", "pixel_acc", "coverage")
 _CSS = """body{font-family:system-ui,sans-serif;max-width:75rem;margin:2rem auto;padding:0 1rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0 1.5rem}caption{text-align:left;font-weight:600;padding:.3rem 0}
 th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}th{background:#f3f3f3}
@@ -84,7 +91,7 @@ class _Plot:
 
 def _num(x: float, metric: str, sign: str = "") -> str:
     # Accuracies are stored in percent, where two decimals is the precision that matters.
-    return f"{x:{sign}.2f}" if metric.startswith(("top", "acc")) else f"{x:{sign}.4g}"
+    return f"{x:{sign}.2f}" if metric.rsplit(".", 1)[-1].startswith(_PERCENT) else f"{x:{sign}.4g}"
 
 
 def _finite(x: Any) -> bool:
@@ -112,10 +119,12 @@ def _delta_cell(delta: dict[str, Any] | None, metric: str) -> _Cell:
     if delta is None:
         return _Cell("")
     text, attrs = _num(delta["delta"], metric, "+"), {"data-delta": repr(delta["delta"])}
+    # Where lower is better the sign alone misleads a reader used to accuracies: say which way it went.
+    verdict = "" if higher_is_better(metric) or delta["delta"] == 0 else ", better" if delta["delta"] < 0 else ", worse"
     if delta["std"] is None:
-        return _Cell(text, "unpaired seeds", attrs)
+        return _Cell(text, f"unpaired seeds{verdict}", attrs)
     attrs["data-delta-std"] = repr(delta["std"])
-    return _Cell(f"{text} ± {_num(delta['std'], metric)}", f"n={delta['n']} paired", attrs)
+    return _Cell(f"{text} ± {_num(delta['std'], metric)}", f"n={delta['n']} paired{verdict}", attrs)
 
 
 def _grids(summary: dict[str, Any]) -> list[_Grid]:
@@ -139,7 +148,8 @@ def _grids(summary: dict[str, Any]) -> list[_Grid]:
                 if with_delta:
                     row.append(_delta_cell(deltas.get((*setting, *line, f)), metric))
             rows.append(row)
-        grids.append(_Grid(f"{dataset}: {task}, {stage} stage, {metric}, mean ± std over seeds", header, rows))
+        shown = metric if higher_is_better(metric) else f"{metric} (lower is better)"
+        grids.append(_Grid(f"{dataset}: {task}, {stage} stage, {shown}, mean ± std over seeds", header, rows))
     return grids
 
 
@@ -152,9 +162,20 @@ def _count(x: Any) -> str:
     return "—" if not _finite(x) else f"{x:,}" if isinstance(x, int) else f"{x:.4g}"
 
 
+def _quality(stats: dict[str, Any]) -> str:
+    """A dense task's pseudo-label quality against the pool's hidden targets, e.g. ``miou 61.2, coverage 88``."""
+    quality = stats.get("quality")
+    if not isinstance(quality, dict):
+        return "—"
+    return ", ".join(f"{k} {_num(v, k)}" for k, v in quality.items() if _finite(v)) or "—"
+
+
 def _labels_grid(labels: list[_Labels]) -> _Grid:
     header = ["Run", "Seed", "Round", "Kept", "Unique", "Mean confidence", "Accuracy (all)", "Accuracy (kept)",
               "Kept per class"]  # fmt: skip
+    dense = any("quality" in m.stats for m in labels)
+    if dense:
+        header.append("Quality (all records)")
     rows = []
     for m in labels:
         s = m.stats
@@ -167,6 +188,8 @@ def _labels_grid(labels: list[_Labels]) -> _Grid:
             _as_pct(s.get("accuracy_all")), _as_pct(s.get("accuracy_kept")),
             f"{min(per):g}–{max(per):g} over {len(per)} classes" if per else "—",
         ]  # fmt: skip
+        if dense:
+            texts.append(_quality(s))
         rows.append([_Cell(t) for t in texts])
     return _Grid("Pseudo labels per run and round (accuracies against the pool's hidden labels)", header, rows)
 
@@ -180,16 +203,18 @@ def _load_manifests(out: Path, notes: list[str]) -> list[_Labels]:
         rel = path.relative_to(out)
         parts = rel.parts
         run = "/".join(parts[: parts.index("label")]) or "."
+        task = "classification"
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
-            stats = manifest["stats"]["classification"]
+            task = str(manifest.get("task", task))
+            stats = manifest["stats"][task]
             if not isinstance(stats, dict):
-                raise TypeError("stats.classification is not an object")
+                raise TypeError(f"stats.{task} is not an object")
             seed, rnd = manifest.get("seed"), manifest.get("round")
             found.append(_Labels(int(0 if seed is None else seed), int(1 if rnd is None else rnd), run, stats))
         except (OSError, ValueError, KeyError, TypeError) as err:
             why = f"{type(err).__name__}: {err}"
-            notes.append(f"{rel.as_posix()} has no usable classification statistics ({why}).")
+            notes.append(f"{rel.as_posix()} has no usable {task} statistics ({why}).")
     return sorted(found, key=lambda m: (m.run, m.round, m.seed))
 
 
@@ -277,7 +302,8 @@ def _plot_accuracy(summary: dict[str, Any]) -> bytes | None:
         else:
             ax.set_xticks(range(len(lines)), names, rotation=20, ha="right")
             ax.set_xlabel(f"label fraction {format_fraction(fractions[0])}")
-        ax.set_ylabel(f"{metric} (dots: seeds; bars: mean ± std)")
+        lower = "" if higher_is_better(metric) else ", lower is better"
+        ax.set_ylabel(f"{metric} (dots: seeds; bars: mean ± std{lower})")
         ax.set_title(f"{dataset} ({stage})", fontsize=9)
         ax.grid(alpha=0.3)
     return _png(fig)
@@ -406,9 +432,12 @@ def _sections(doc: dict[str, Any], markdown: bool) -> list[str]:
         return s if markdown else f"<p>{html.escape(s)}</p>"
 
     table = _md_table if markdown else _html_table
-    out = [h2("Results"), *[table(g) for g in doc["grids"]], para(_DELTA_NOTE if doc["grids"] else "No results.")]
+    note = _DELTA_NOTE if doc["grids"] else "No results."
+    if any("(lower is better)" in g.caption for g in doc["grids"]):
+        note += " " + _LOWER_NOTE
+    out = [h2("Results"), *[table(g) for g in doc["grids"]], para(note)]
     out.append(h2("Pseudo-label statistics"))
-    no_labels = "No pseudo-label manifest with classification statistics was found."
+    no_labels = "No pseudo-label manifest with statistics was found."
     out.append(table(doc["labels"]) if doc["labels"].rows else para(no_labels))
     out.append(h2("Plots"))
     for name, plot in doc["plots"].items():

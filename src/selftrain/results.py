@@ -40,6 +40,11 @@ SETTING: tuple[str, ...] = ("stage", "task", "dataset")
 #: because the supervised baseline and the student are normally trained with different ones.
 LINE: tuple[str, ...] = ("method", "init", "augment", "round")
 
+#: The metric a setting's main table shows, the first of these its rows have (else its first metric).
+HEADLINE_METRICS: tuple[str, ...] = ("top1", "ap", "miou", "absrel", "nme")
+#: Metrics where a smaller value is better (errors); every other metric is higher-is-better.
+LOWER_IS_BETTER = frozenset({"absrel", "rmse", "nme", "loss"})
+
 _FLOATS = ("label_fraction", "value", "seconds")
 _INTS = ("seed", "round")
 
@@ -245,6 +250,11 @@ def summarize(
     return out
 
 
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger ``metric`` is better; a protocol prefix (``linear.``, ``finetune.``) is ignored."""
+    return metric.rsplit(".", 1)[-1] not in LOWER_IS_BETTER
+
+
 def compare(baseline: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
     """The difference of two :func:`summarize` groups, ``other - baseline``.
 
@@ -270,8 +280,8 @@ def compare(baseline: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, 
 def main_table(rows: Iterable[ResultRow]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Groups and baseline deltas for the report's main table, one setting at a time.
 
-    Per (stage, task, dataset) setting the metric is ``top1`` if present, else the first
-    metric of that setting's rows. The baseline is the first ``supervised`` line (in
+    Per (stage, task, dataset) setting the metric is the first of :data:`HEADLINE_METRICS` that
+    its rows have, else their first metric. The baseline is the first ``supervised`` line (in
     :func:`summarize` order); every other line is compared to it at the same label fraction.
 
     Args:
@@ -280,7 +290,9 @@ def main_table(rows: Iterable[ResultRow]) -> tuple[list[dict[str, Any]], list[di
     Returns:
         ``(groups, deltas)``: :func:`summarize` groups over ``SETTING + LINE + label_fraction``
         with a ``metric`` key added, and one dict per compared group: its identifying columns,
-        the :func:`compare` result and ``baseline`` (the baseline line's ``LINE`` columns).
+        the :func:`compare` result, ``better`` (whether the line beat the baseline: a positive
+        Δ, or a negative one for a :data:`LOWER_IS_BETTER` metric) and ``baseline`` (the baseline
+        line's ``LINE`` columns).
     """
     settings: dict[tuple, list[ResultRow]] = {}
     for row in rows:
@@ -290,7 +302,7 @@ def main_table(rows: Iterable[ResultRow]) -> tuple[list[dict[str, Any]], list[di
     deltas: list[dict[str, Any]] = []
     for key in sorted(settings):
         metrics = [r.metric for r in settings[key]]
-        metric = "top1" if "top1" in metrics else metrics[0]
+        metric = next((m for m in HEADLINE_METRICS if m in metrics), metrics[0])
         groups = [{**g, "metric": metric} for g in summarize(settings[key], by=by, metric=metric)]
         table.extend(groups)
         lines = [tuple(g[c] for c in LINE) for g in groups]
@@ -300,7 +312,8 @@ def main_table(rows: Iterable[ResultRow]) -> tuple[list[dict[str, Any]], list[di
             if baseline is not None and line != baseline and g["label_fraction"] in base:
                 ident = {c: g[c] for c in (*by, "metric")}
                 comparison = compare(base[g["label_fraction"]], g)
-                deltas.append({**ident, **comparison, "baseline": dict(zip(LINE, baseline))})
+                better = comparison["delta"] > 0 if higher_is_better(metric) else comparison["delta"] < 0
+                deltas.append({**ident, **comparison, "better": better, "baseline": dict(zip(LINE, baseline))})
     return table, deltas
 
 

@@ -26,18 +26,22 @@ from selftrain.losses import LossNormalization
 from selftrain.network import Network
 from selftrain.outputs import RunFolder
 from selftrain.store import PseudoLabelStore
-from selftrain.tasks import TASKS
+from selftrain.tasks import build_task
 from selftrain.teach import network_spec, read_done, teacher_for_round
 
 log = logging.getLogger("selftrain.student")
 
 
-def pseudo_records(store_dir: Path, task) -> tuple[np.ndarray, torch.Tensor]:
-    """The selected store records, repeats expanded: (pool source indices (N,), targets (N, K))."""
+def pseudo_records(store_dir: Path, task):
+    """The selected store records, repeats expanded: pool source indices (N,) and their targets.
+
+    The targets are indexed by batch positions: a (N, K) tensor of distributions for
+    classification, a :class:`~selftrain.tasks.dense.PseudoTargets` (decoded per batch) for a dense task.
+    """
     store = PseudoLabelStore(store_dir)
     if not store.complete:
         raise FileNotFoundError(f"{store_dir}: the pseudo-label store is incomplete; run (or resume) the label stage")
-    table = store.read(columns=["index", f"{task.name}.probs"])
+    table = store.read(columns=["index", *task.pseudo_column_names()])
     selection = store.selection_rows()
     rows = np.arange(table.num_rows) if selection is None else np.repeat(*selection)
     if len(rows) == 0:
@@ -63,7 +67,7 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         log.info("student: round %d already done in %s", round_, folder)
         return weights
     s = cfg.student
-    task = TASKS.get(cfg.task)(len(data.classes))
+    task = build_task(cfg.task, data.classes)
     pool_index, pseudo_targets = pseudo_records(run.root / "label" / f"round-{round_}", task)
     spec = network_spec(cfg, data)
     seed = cfg.seed * 100 + round_
@@ -76,7 +80,6 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
     aug = BatchAugment(s.augment)
     human = BatchIndices(len(data.labeled_idx), s.human_batch_size, seed)
     pseudo = BatchIndices(len(pool_index), s.pseudo_batch_size, seed + 50)
-    labels = torch.tensor(data.labeled.labels)
     combine = LossNormalization(alpha=s.alpha, decay=s.average_decay, normalize=s.loss == "normalized")
     nh = s.human_batch_size
 
@@ -84,11 +87,11 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         h = data.labeled_idx[human(step).numpy()]
         p = pseudo(step)
         images = torch.cat([data.labeled.load_batch(h), data.pool.load_batch(pool_index[p.numpy()])])
-        target = torch.cat([task.targets(labels[h]), pseudo_targets[p]]).to(runtime.device)
-        x = aug(runtime.images(images))
+        target = task.to_device(task.collate([task.load_targets(data.labeled, h), pseudo_targets[p]]), runtime.device)
+        x, target = task.augment(aug, runtime.images(images), target)
         with runtime.autocast():
-            logits = net(x)  # one forward pass, so batch norm sees human and pseudo images together
-        per_sample = task.loss(logits, target)
+            outputs = net(x)  # one forward pass, so batch norm sees human and pseudo images together
+        per_sample = task.loss(outputs, target)
         loss_h, loss_p = per_sample[:nh].mean(), per_sample[nh:].mean()
         return {"loss": combine(loss_h, loss_p), "loss_human": loss_h.detach(), "loss_pseudo": loss_p.detach()}
 

@@ -17,7 +17,7 @@ from selftrain.config import Config
 from selftrain.engine import BatchIndices, Runtime, export_model, fit
 from selftrain.network import Network, NetworkSpec, image_statistics, load_network
 from selftrain.outputs import RunFolder
-from selftrain.tasks import TASKS
+from selftrain.tasks import build_task
 
 log = logging.getLogger("selftrain.teach")
 
@@ -27,7 +27,7 @@ def network_spec(cfg: Config, data) -> NetworkSpec:
     sample = data.labeled_idx[: min(len(data.labeled_idx), 2000)]
     mean, std = image_statistics(data.labeled.load_batch(sample))
     return NetworkSpec(
-        backbone=cfg.model.backbone, num_classes=len(data.classes), channels=data.channels,
+        backbone=cfg.model.backbone, num_classes=build_task(cfg.task, data.classes).num_classes, channels=data.channels,
         image_size=data.image_size, mean=mean, std=std, classes=list(data.classes), task=cfg.task,
     )  # fmt: skip
 
@@ -42,21 +42,20 @@ def train_supervised(
     optim, desc: str, seed: int, label_smoothing: float = 0.0,
 ) -> float:  # fmt: skip
     """Trains ``net`` on the labeled split; returns the training seconds."""
-    task = TASKS.get(cfg.task)(len(data.classes))
+    task = build_task(cfg.task, data.classes)
     aug = BatchAugment(augment)
     batches = BatchIndices(len(data.labeled_idx), batch_size, seed)
-    labels = torch.tensor(data.labeled.labels)
     net.to(runtime.device)
     if runtime.channels_last:
         net.to(memory_format=torch.channels_last)
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         idx = data.labeled_idx[batches(step).numpy()]
-        x = aug(runtime.images(data.labeled.load_batch(idx)))
-        target = task.targets(labels[idx], label_smoothing).to(runtime.device)
+        target = task.to_device(task.load_targets(data.labeled, idx, label_smoothing), runtime.device)
+        x, target = task.augment(aug, runtime.images(data.labeled.load_batch(idx)), target)
         with runtime.autocast():
-            logits = net(x)
-        return {"loss": task.loss(logits, target).mean()}
+            outputs = net(x)
+        return {"loss": task.loss(outputs, target).mean()}
 
     result = fit(net, step_fn, steps=steps, optim=optim, engine=cfg.engine, out_dir=folder, seed=seed, desc=desc)
     return result.seconds

@@ -1,9 +1,12 @@
 """``transfer``: how good is a model, and how well does its backbone transfer?
 
 Protocols:
-    evaluate  the model as trained, on the held-out test set (metric ``top1``, ``top5``)
+    evaluate  the model as trained, on the held-out test set, with the task's metric
+              (``top1``/``top5``; ``miou``; ``absrel``/``rmse``/``delta1``; ``ap``/``ap50``)
     linear    frozen backbone; a linear classifier on its pooled features (``linear.top1``)
     finetune  the whole backbone plus a new head, trained on a labeled split (``finetune.top1``)
+
+``linear`` and ``finetune`` are classification protocols (the config refuses them for dense tasks).
 
 In a run, every model of the output folder is measured: the teacher (method ``supervised``,
 round 0) and the student of each round (method ``self-training``).
@@ -28,7 +31,7 @@ from selftrain.engine import Runtime
 from selftrain.network import Network, load_network
 from selftrain.outputs import RunFolder
 from selftrain.results import ResultRow, ResultsTable
-from selftrain.tasks import TASKS
+from selftrain.tasks import build_task
 
 log = logging.getLogger("selftrain.transfer")
 
@@ -46,10 +49,18 @@ def predict(net: Network, source: Source, indices: np.ndarray, runtime: Runtime,
     return torch.cat(out) if out else torch.empty(0)
 
 
+@torch.no_grad()
 def evaluate(net: Network, task, source: Source, indices: np.ndarray, runtime: Runtime, batch_size: int = 1000) -> dict[str, float]:
-    """The task's metrics of ``net`` on ``source[indices]``."""
-    logits = predict(net, source, indices, runtime, batch_size)
-    return task.metrics(logits, torch.tensor(source.labels[indices]))
+    """The task's metrics of ``net`` on ``source[indices]`` (``task.build_metric()`` over batches)."""
+    net.eval().to(runtime.device)
+    meter = task.build_metric()
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start : start + batch_size]
+        x = runtime.images(source.load_batch(idx))
+        with runtime.autocast():
+            outputs = net(x)
+        meter.update(task.predict(outputs), task.metric_targets(source, idx))
+    return meter.compute()
 
 
 def linear_probe(net: Network, task, train: tuple[Source, np.ndarray], test: tuple[Source, np.ndarray], runtime: Runtime, *, steps: int, lr: float, seed: int) -> dict[str, float]:
@@ -83,7 +94,7 @@ def finetune(net: Network, cfg: Config, data, runtime: Runtime, folder: Path) ->
     tuned.backbone.reset_classifier(len(source.classes))
     split = PreparedData(source, idx, None, idx[:0], data.test, data.test_idx, list(source.classes), data.channels, data.image_size)
     train_supervised(tuned, cfg, split, runtime, folder, steps=t.steps, batch_size=t.batch_size, augment=t.augment, optim=t.optim, desc="finetune", seed=cfg.seed)
-    return evaluate(tuned, TASKS.get(cfg.task)(len(source.classes)), data.test, data.test_idx, runtime, cfg.engine.eval_batch_size)
+    return evaluate(tuned, build_task(cfg.task, source.classes), data.test, data.test_idx, runtime, cfg.engine.eval_batch_size)
 
 
 def run_models(run: RunFolder, rounds: int) -> list[tuple[str, int, Path]]:
@@ -104,7 +115,7 @@ def transfer(cfg: Config, run: RunFolder, data, runtime: Runtime) -> list[Result
     if data.test is None:
         raise ValueError("transfer: the config has no held-out test set (data.test)")
     folder = run.stage("transfer")
-    task = TASKS.get(cfg.task)(len(data.classes))
+    task = build_task(cfg.task, data.classes)
     rows: list[ResultRow] = []
     for method, round_, path in run_models(run, cfg.student.rounds):
         net = load_network(path)

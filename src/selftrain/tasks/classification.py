@@ -22,11 +22,50 @@ class Classification:
 
     name = "classification"
     metric = "top1"  # the headline metric, higher is better
+    higher_is_better = True
+    dense = False  # one tensor of targets per batch, not one dict per image (selftrain.tasks.dense)
 
     def __init__(self, num_classes: int) -> None:
         if num_classes < 2:
             raise ValueError(f"classification needs at least 2 classes, got {num_classes}")
         self.num_classes = num_classes
+
+    @classmethod
+    def for_classes(cls, classes) -> Classification:
+        return cls(len(classes))
+
+    # ------------------------------------------------------------------ batches (what the stages call)
+
+    def check_source(self, source, where: str) -> None:
+        """Image-level labels are all classification needs; the pipeline checks for them."""
+
+    def load_targets(self, source, indices: np.ndarray, smoothing: float = 0.0) -> torch.Tensor:
+        """Target distributions (B, K) of ``source[indices]``."""
+        return self.targets(torch.tensor(source.labels[indices]), smoothing)
+
+    def metric_targets(self, source, indices: np.ndarray) -> torch.Tensor:
+        """Integer labels (B,) of ``source[indices]``."""
+        return torch.tensor(source.labels[indices])
+
+    @staticmethod
+    def collate(parts) -> torch.Tensor:
+        return torch.cat(list(parts))
+
+    @staticmethod
+    def to_device(targets: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return targets.to(device)
+
+    @staticmethod
+    def augment(aug, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-level labels do not move with the pixels."""
+        return aug(images), targets
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().cpu()
+
+    def build_metric(self) -> ClassificationMeter:
+        """Collects logits and labels batch by batch; :meth:`metrics` over all of them."""
+        return ClassificationMeter(self)
 
     def targets(self, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
         """Integer labels (B,) -> target distributions (B, K)."""
@@ -63,7 +102,27 @@ class Classification:
             "classification.confidence": confidence.cpu().numpy().astype(np.float32),
         }
 
-    def pseudo_table_columns(self, encoded: dict[str, np.ndarray]) -> dict[str, pa.Array]:
+    def pseudo_options(self, label_cfg) -> dict:
+        return {"temperature": label_cfg.temperature, "hard": label_cfg.hard}
+
+    def pseudo_fingerprint(self, label_cfg) -> dict:
+        return self.pseudo_options(label_cfg)
+
+    def encode_records(self, logits: torch.Tensor, label_cfg) -> dict[str, np.ndarray]:
+        """Teacher logits of one batch -> store columns (see :meth:`encode_pseudo`)."""
+        return self.encode_pseudo(logits, **self.pseudo_options(label_cfg))
+
+    def pseudo_column_names(self) -> list[str]:
+        """The columns the student reads."""
+        return ["classification.probs"]
+
+    def pseudo_table_columns(self, encoded: dict[str, np.ndarray] | list[dict[str, np.ndarray]]) -> dict[str, pa.Array]:
+        """Encoded columns (one dict, or one per batch of a shard) -> Arrow columns; none keeps the schema."""
+        if isinstance(encoded, list):
+            if encoded:
+                encoded = {k: np.concatenate([part[k] for part in encoded]) for k in encoded[0]}
+            else:
+                encoded = self.encode_pseudo(torch.zeros(0, self.num_classes))
         probs = encoded["classification.probs"]
         return {
             "classification.probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), self.num_classes),
@@ -75,3 +134,21 @@ class Classification:
         """Store rows -> target distributions (N, K) for the student."""
         flat = table.column("classification.probs").combine_chunks().flatten().to_numpy()
         return torch.from_numpy(flat.reshape(-1, self.num_classes).copy())
+
+
+class ClassificationMeter:
+    """Logits and labels of an evaluation pass; :meth:`Classification.metrics` over all at the end."""
+
+    def __init__(self, task: Classification) -> None:
+        self.task = task
+        self.logits: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.logits.append(logits)
+        self.labels.append(labels)
+
+    def compute(self) -> dict[str, float]:
+        logits = torch.cat(self.logits) if self.logits else torch.empty(0)
+        labels = torch.cat(self.labels) if self.labels else torch.empty(0, dtype=torch.long)
+        return self.task.metrics(logits, labels)

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
 from selftrain.metrics import DepthErrors
 from selftrain.tasks import TASKS
 from selftrain.tasks.decoder import DenseHead
+from selftrain.tasks.dense import DenseTask, map_to_bytes, maps_from_column
 
 #: Log-depth outputs are clamped to this range before ``exp`` so a wild early head cannot overflow.
 LOG_DEPTH_RANGE = (-10.0, 10.0)
@@ -43,7 +46,7 @@ class DepthMeter(DepthErrors):
 
 
 @TASKS.register("depth")
-class Depth:
+class Depth(DenseTask):
     """One positive depth per pixel; targets ``{"depth": float32 (H, W)}`` with 0 = no value.
 
     Args:
@@ -56,6 +59,13 @@ class Depth:
     name = "depth"
     metric = "absrel"  # the headline metric; the accumulator comes from build_metric()
     higher_is_better = False
+    target_keys = ("depth",)
+    #: One output channel; the size a saved network spec records for depth.
+    num_classes = 1
+
+    @classmethod
+    def for_classes(cls, classes: Sequence[str]) -> Depth:
+        return cls()
 
     def __init__(self, num_classes: int | None = None, *, silog_lambda: float = 0.5, width: int = 32) -> None:
         if not 0.0 <= silog_lambda <= 1.0:
@@ -92,3 +102,24 @@ class Depth:
     def build_metric(self) -> DepthMeter:
         """A fresh accumulator of ``absrel``, ``rmse`` and ``delta1``."""
         return DepthMeter()
+
+    # ------------------------------------------------------------------ pseudo-label store
+
+    def pseudo_schema(self) -> dict[str, pa.DataType]:
+        return {"depth.depth": pa.binary(), "depth.height": pa.int32(), "depth.width": pa.int32(),
+                "depth.confidence": pa.float32()}  # fmt: skip
+
+    def record_columns(self, targets: Sequence[dict[str, torch.Tensor]]) -> dict[str, list]:
+        maps = [t["depth"] for t in targets]
+        return {
+            "depth.depth": [map_to_bytes(d, np.float16) for d in maps],  # half the bytes; ~0.05% relative error
+            "depth.height": [int(d.shape[0]) for d in maps],
+            "depth.width": [int(d.shape[1]) for d in maps],
+        }
+
+    def record_confidence(self, outputs, targets) -> np.ndarray:
+        """1 for every record: a depth map has no confidence, so ``label.threshold`` must stay 0."""
+        return np.ones(len(targets), dtype=np.float32)
+
+    def decode_rows(self, table: pa.Table) -> list[dict[str, torch.Tensor]]:
+        return [{"depth": torch.from_numpy(d.astype(np.float32))} for d in maps_from_column(table, "depth.depth", np.float16)]

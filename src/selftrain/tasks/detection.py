@@ -31,6 +31,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +49,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from selftrain.metrics import detection_ap
 from selftrain.tasks import TASKS
+from selftrain.tasks.dense import DenseTask
 
 #: FCOS' size ranges: a level of stride s takes boxes whose largest side distance lies in (4 s, 8 s].
 _RANGE_LOW, _RANGE_HIGH = 4.0, 8.0
@@ -158,7 +161,7 @@ def assign_locations(
 
 
 @TASKS.register("detection")
-class Detection:
+class Detection(DenseTask):
     """Boxes of ``num_classes`` object classes, XYXY pixels (see :mod:`selftrain.data.targets`).
 
     Example:
@@ -173,6 +176,7 @@ class Detection:
     name = "detection"
     metric = "ap"  # the headline metric; the accumulator comes from build_metric()
     higher_is_better = True
+    target_keys = ("boxes", "labels")
 
     def __init__(
         self,
@@ -291,6 +295,34 @@ class Detection:
     def build_metric(self) -> DetectionAP:
         """A fresh COCO AP accumulator for one evaluation pass."""
         return DetectionAP()
+
+    # ------------------------------------------------------------------ pseudo-label store
+
+    def pseudo_options(self, label_cfg) -> dict:
+        return {"threshold": label_cfg.box_threshold}
+
+    def pseudo_schema(self) -> dict[str, pa.DataType]:
+        return {"detection.boxes": pa.list_(pa.float32()), "detection.labels": pa.list_(pa.int32()),
+                "detection.scores": pa.list_(pa.float32()), "detection.confidence": pa.float32()}  # fmt: skip
+
+    def record_columns(self, targets: Sequence[dict[str, torch.Tensor]]) -> dict[str, list]:
+        return {
+            "detection.boxes": [t["boxes"].reshape(-1).tolist() for t in targets],
+            "detection.labels": [t["labels"].tolist() for t in targets],
+            "detection.scores": [t["scores"].tolist() for t in targets],
+        }
+
+    def record_confidence(self, outputs, targets: Sequence[dict[str, torch.Tensor]]) -> np.ndarray:
+        """The mean score of an image's pseudo boxes; 0 for an image left without a box."""
+        return np.array([float(t["scores"].mean()) if len(t["scores"]) else 0.0 for t in targets], dtype=np.float32)
+
+    def decode_rows(self, table: pa.Table) -> list[dict[str, torch.Tensor]]:
+        boxes, labels, scores = (table.column(f"detection.{c}").to_pylist() for c in ("boxes", "labels", "scores"))
+        return [
+            {"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(lab, dtype=torch.int64),
+             "scores": torch.tensor(sc, dtype=torch.float32)}
+            for b, lab, sc in zip(boxes, labels, scores)
+        ]  # fmt: skip
 
 
 class DetectionAP:

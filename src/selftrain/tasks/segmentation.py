@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,7 @@ from selftrain.data.targets import IGNORE_INDEX
 from selftrain.metrics import SegmentationIoU
 from selftrain.tasks import TASKS
 from selftrain.tasks.decoder import DenseHead
+from selftrain.tasks.dense import DenseTask, map_to_bytes, maps_from_column
 
 
 class SegmentationMeter(SegmentationIoU):
@@ -30,17 +33,56 @@ class SegmentationMeter(SegmentationIoU):
         super().update(preds, targets)
 
 
+class PseudoMaskQuality(SegmentationMeter):
+    """mIoU of pseudo masks against the true ones over the pixels the pseudo masks label, and
+    ``coverage``: the percentage of pixels they label (the rest fell under the pixel threshold)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(num_classes)
+        self.labelled, self.pixels = 0, 0
+
+    def update(self, preds: Sequence[dict], targets: Sequence[dict]) -> None:
+        pred = torch.stack([p["mask"] for p in preds])
+        truth = torch.stack([t["mask"] for t in targets])
+        ignored = pred == IGNORE_INDEX
+        self.labelled += int((~ignored).sum())
+        self.pixels += pred.numel()
+        super().update(pred.masked_fill(ignored, 0), truth.masked_fill(ignored, IGNORE_INDEX))
+
+    def compute(self) -> dict[str, float]:
+        coverage = 100 * self.labelled / max(self.pixels, 1)
+        if self.labelled == 0:
+            return {"coverage": coverage}
+        return {**super().compute(), "coverage": coverage}
+
+
 @TASKS.register("segmentation")
-class Segmentation:
+class Segmentation(DenseTask):
     """One class per pixel out of ``num_classes``, background included (scenes: mask value 0).
 
     Outputs are logits (B, K, H, W) at the input resolution; targets are ``{"mask": int64 (H, W)}``
-    with :data:`IGNORE_INDEX` for unlabelled pixels.
+    with :data:`IGNORE_INDEX` for unlabelled pixels. In a run, a source's mask value 0 is the
+    background and ``c + 1`` its object class ``c`` (the scenes' convention), so ``K`` is the
+    number of object classes plus one.
     """
 
     name = "segmentation"
     metric = "miou"  # the headline metric; the accumulator comes from build_metric()
     higher_is_better = True
+    target_keys = ("mask",)
+
+    @classmethod
+    def for_classes(cls, classes: Sequence[str]) -> Segmentation:
+        return cls(len(classes) + 1)  # background + the object classes
+
+    def check_source(self, source, where: str) -> None:
+        """Also checks the mask convention: value 0 = background, ``c + 1`` = object class ``c``."""
+        super().check_source(source, where)
+        if getattr(source, "mask_classes", None) != ["background", *(source.classes or [])]:
+            raise ValueError(
+                f"{where}={source.uri!r}: its masks do not say they follow the run's convention (0 = background, "
+                "c + 1 = class c, as scenes: sources do); segmentation runs on scenes: sources for now"
+            )
 
     def __init__(self, num_classes: int, width: int = 32) -> None:
         if num_classes < 2:
@@ -76,3 +118,31 @@ class Segmentation:
     def build_metric(self) -> SegmentationMeter:
         """A fresh accumulator of ``miou`` and ``pixel_acc`` (percent)."""
         return SegmentationMeter(self.num_classes)
+
+    # ------------------------------------------------------------------ pseudo-label store
+
+    def pseudo_options(self, label_cfg) -> dict:
+        return {"threshold": label_cfg.pixel_threshold}
+
+    def pseudo_schema(self) -> dict[str, pa.DataType]:
+        return {"segmentation.mask": pa.binary(), "segmentation.height": pa.int32(), "segmentation.width": pa.int32(),
+                "segmentation.confidence": pa.float32()}  # fmt: skip
+
+    def record_columns(self, targets: Sequence[dict[str, torch.Tensor]]) -> dict[str, list]:
+        masks = [t["mask"] for t in targets]
+        return {
+            "segmentation.mask": [map_to_bytes(m, np.uint8) for m in masks],  # classes < 255 = IGNORE_INDEX
+            "segmentation.height": [int(m.shape[0]) for m in masks],
+            "segmentation.width": [int(m.shape[1]) for m in masks],
+        }
+
+    def record_confidence(self, outputs: torch.Tensor, targets) -> np.ndarray:
+        """The mean over pixels of the teacher's softmax confidence, per image."""
+        return F.softmax(outputs.float(), dim=1).amax(dim=1).flatten(1).mean(dim=1).cpu().numpy()
+
+    def decode_rows(self, table: pa.Table) -> list[dict[str, torch.Tensor]]:
+        return [{"mask": torch.from_numpy(m.astype(np.int64))} for m in maps_from_column(table, "segmentation.mask", np.uint8)]
+
+    def quality_meter(self) -> PseudoMaskQuality:
+        """mIoU of pseudo masks over the pixels they label, and their coverage (percent)."""
+        return PseudoMaskQuality(self.num_classes)

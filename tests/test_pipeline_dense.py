@@ -1,0 +1,206 @@
+"""The dense tasks (segmentation, depth, detection) through teach -> label -> student -> transfer on scenes."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from selftrain.cli import app
+from selftrain.config import ConfigError, build_config
+from selftrain.data import build_source
+from selftrain.data.targets import IGNORE_INDEX
+from selftrain.network import Network, NetworkSpec, load_network
+from selftrain.pipeline import run_pipeline
+from selftrain.store import PseudoLabelStore
+from selftrain.tasks import build_task
+from selftrain.tasks.detection import DetectionHead
+
+runner = CliRunner()
+METRICS = {"segmentation": {"miou", "pixel_acc"}, "depth": {"absrel", "rmse", "delta1"}, "detection": {"ap", "ap50"}}
+
+
+def dense_overrides(task: str) -> list[str]:
+    """A run of a few seconds: 48 scenes of 64 px (10 labeled), 16 test scenes, a handful of steps."""
+    return [
+        f"task={task}", "data.labeled=scenes:train?n=48", "data.unlabeled=scenes:train?n=48",
+        "data.test=scenes:test?n=16", "data.label_fraction=0.2", "model.backbone=cnn-tiny",
+        "teach.steps=3", "teach.batch_size=8", "student.steps=3", "student.human_batch_size=4",
+        "student.pseudo_batch_size=8", "student.augment=S4", "label.shard_size=16", "label.batch_size=8",
+        "engine.checkpoint_every=2", "engine.progress=false", "engine.eval_batch_size=8", "engine.threads=1",
+        "teach.optim.optimizer=adamw", "teach.optim.lr=0.001", "student.optim.optimizer=adamw", "student.optim.lr=0.001",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return build_source("scenes:train?n=8")
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth", "detection"])
+def test_cli_runs_a_dense_task_end_to_end_with_a_report(task, tmp_path):
+    out = tmp_path / "run"
+    sets = [a for o in dense_overrides(task) for a in ("--set", o)]
+    result = runner.invoke(app, ["run", "--out", str(out), *sets], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    got = {(r["method"], r["round"], r["metric"]) for r in rows}
+    assert got == {(m, r, k) for m, r in (("supervised", "0"), ("self-training", "1")) for k in METRICS[task]}
+    assert {r["task"] for r in rows} == {task}
+    assert all(np.isfinite(float(r["value"])) for r in rows)
+
+    manifest = json.loads((out / "label/round-1/manifest.json").read_text())
+    stats = manifest["stats"][task]
+    n_pool = 48 - len(json.loads((out / "splits/labeled-0.2-seed0.json").read_text())["keys"])
+    assert manifest["processed"] == manifest["total"] == stats["records"] == stats["kept"] == n_pool
+    assert stats["mean_confidence"] is not None and "quality" in stats  # the scene pool has hidden targets
+    expected_quality = {"segmentation": {"coverage"}, "depth": METRICS["depth"], "detection": METRICS["detection"]}
+    assert expected_quality[task] <= set(stats["quality"])
+
+    for name in ("teach/model.safetensors", "student/round-1/model.safetensors"):
+        net = load_network(out / name)  # the exported spec rebuilds the dense network
+        assert net.spec.task == task and net.head is not None
+
+    result = runner.invoke(app, ["report", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text()
+    headline = {"segmentation": "miou", "depth": "absrel (lower is better)", "detection": "ap"}[task]
+    assert f"{task}, transfer stage, {headline}" in md
+    assert "Quality (all records)" in md
+    if task == "depth":
+        assert "a negative Δ is the improvement" in md
+
+
+def _outputs(task_name: str, scenes) -> tuple:
+    """Teacher-like outputs of a random net for 3 images, with some pixels / boxes that pass the thresholds."""
+    torch.manual_seed(0)
+    task = build_task(task_name, scenes.classes)
+    if task_name == "detection":
+        head = DetectionHead([8, 16, 32], [1, 2, 4], task.num_classes)
+        feats = [torch.randn(3, c, 64 // s, 64 // s) for c, s in ((8, 1), (16, 2), (32, 4))]
+        with torch.no_grad():
+            outputs = head(feats)
+        # Untrained FCOS scores are ~0.1 (its prior); spread them so some boxes pass 0.5 and some do not.
+        outputs["cls_logits"] = torch.randn_like(outputs["cls_logits"]) * 3
+        outputs["centerness"] = torch.randn_like(outputs["centerness"]) * 3
+        return task, outputs
+    channels = task.num_classes
+    return task, torch.randn(3, channels, 64, 64) * 3
+
+
+@pytest.mark.parametrize("task_name", ["segmentation", "depth", "detection"])
+def test_dense_pseudo_labels_round_trip_through_parquet(task_name, scenes, tmp_path):
+    task, outputs = _outputs(task_name, scenes)
+    label_cfg = build_config({}, [f"task={task_name}"]).label
+    encoded = task.encode_pseudo(outputs, **task.pseudo_options(label_cfg))
+    columns = task.encode_records(outputs, label_cfg)
+    table = pa.table({"key": pa.array(["a", "b", "c"]), "index": pa.array([0, 1, 2], pa.int64()),
+                      **task.pseudo_table_columns([columns])})  # fmt: skip
+    pq.write_table(table, tmp_path / "shard.parquet")
+    decoded = task.decode_rows(pq.read_table(tmp_path / "shard.parquet"))
+    assert len(decoded) == 3
+    for got, want in zip(decoded, encoded):
+        assert set(got) == set(want)
+        for key in want:
+            expected = want[key].half().float() if key == "depth" else want[key]  # depth is stored as float16
+            assert got[key].dtype == expected.dtype and torch.equal(got[key], expected), key
+    if task_name == "segmentation":
+        assert (decoded[0]["mask"] == IGNORE_INDEX).any() and (decoded[0]["mask"] != IGNORE_INDEX).any()
+    if task_name == "detection":
+        assert sum(len(t["boxes"]) for t in decoded) > 0
+        assert table.column("detection.confidence").to_pylist() == pytest.approx(
+            [float(t["scores"].mean()) if len(t["scores"]) else 0.0 for t in encoded]
+        )
+    empty = pa.table(task.pseudo_table_columns([]))  # a shard of only bad images keeps the schema
+    assert empty.num_rows == 0 and empty.schema.equals(pa.table(task.pseudo_table_columns([columns])).schema)
+
+
+@pytest.mark.parametrize("task_name", ["segmentation", "depth", "detection"])
+def test_dense_network_saves_and_reloads(task_name, scenes, tmp_path):
+    from selftrain.engine import export_model
+
+    task = build_task(task_name, scenes.classes)
+    spec = NetworkSpec("cnn-tiny", task.num_classes, 1, 64, [0.3], [0.2], list(scenes.classes), task=task_name)
+    net = Network(spec).eval()
+    export_model(tmp_path / "model.safetensors", net, {"spec": spec.__dict__})
+    again = load_network(tmp_path / "model.safetensors").eval()
+    x = torch.rand(2, 1, 64, 64)
+    a, b = net(x), again(x)
+    if isinstance(a, dict):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        assert torch.equal(a, b)
+
+
+def test_dense_label_interrupted_and_resumed_gives_the_records_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = build_config({}, dense_overrides("segmentation") + ["label.shard_size=8"])
+    run_pipeline(cfg, tmp_path / "a", stages=["teach", "label"])
+    run_pipeline(cfg, tmp_path / "b", stages=["teach"])
+    (tmp_path / "b/teach/model.safetensors").write_bytes((tmp_path / "a/teach/model.safetensors").read_bytes())
+
+    real_write = PseudoLabelStore.write_shard
+    written = []
+
+    def write_then_die(self, shard_id, table):
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed after two shards")
+        real_write(self, shard_id, table)
+        written.append(shard_id)
+
+    monkeypatch.setattr(PseudoLabelStore, "write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, tmp_path / "b", stages=["label"])
+    partial = PseudoLabelStore(tmp_path / "b/label/round-1")
+    assert not partial.complete and len(partial.done_shards()) == 2
+    monkeypatch.setattr(PseudoLabelStore, "write_shard", real_write)
+    run_pipeline(cfg, tmp_path / "b", stages=["label"])
+
+    a = PseudoLabelStore(tmp_path / "a/label/round-1")
+    b = PseudoLabelStore(tmp_path / "b/label/round-1")
+    assert b.complete and a.read().equals(b.read())
+    assert len(set(b.read().column("key").to_pylist())) == a.read().num_rows
+    assert a.manifest["stats"] == b.manifest["stats"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["task=detection", "label.balance=true"], "class balancing is for classification"),
+        (["task=depth", "label.threshold=0.2"], "depth pseudo labels have no confidence"),
+        (["task=segmentation", "label.temperature=2"], "label.temperature / label.hard"),
+        (["task=segmentation", "transfer.protocols=[evaluate, linear]"], "linear and finetune"),
+        (["task=keypoints"], "do not train it yet"),
+    ],
+)
+def test_options_that_mean_nothing_for_a_dense_task_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({}, overrides)
+
+
+def test_a_dense_task_on_a_source_without_its_targets_is_refused(small_idx, tmp_path):
+    cfg = build_config({}, [f"data.labeled={small_idx['train']}", f"data.unlabeled={small_idx['train']}",
+                            f"data.test={small_idx['test']}", "task=segmentation", "engine.progress=false"])  # fmt: skip
+    with pytest.raises(ValueError, match="has no mask targets"):
+        run_pipeline(cfg, tmp_path)
+
+
+def test_the_report_reads_a_lower_is_better_metric_the_right_way_round(tmp_path):
+    from selftrain.report import build_report
+    from selftrain.results import ResultRow, ResultsTable, main_table
+
+    def row(method: str, round_: int, value: float) -> ResultRow:
+        return ResultRow("transfer", method, "random", "S1", "depth", "scenes:test", 0.1, 0, round_, "absrel", value, 1.0)
+
+    rows = [row("supervised", 0, 0.30), row("self-training", 1, 0.25)]
+    _, (delta,) = main_table(rows)
+    assert delta["metric"] == "absrel" and delta["delta"] == pytest.approx(-0.05) and delta["better"] is True
+    ResultsTable(tmp_path / "results.csv").add(rows)
+    build_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "absrel (lower is better)" in md and "-0.05 ± 0 (n=1 paired, better)" in md
