@@ -31,6 +31,12 @@ import torch
 Targets = list[dict[str, torch.Tensor]]
 
 
+
+def stack_key(items, key: str) -> torch.Tensor:
+    """A batch tensor as is, or the ``key`` entries of a list of target dicts stacked into one."""
+    return items if isinstance(items, torch.Tensor) else torch.stack([item[key] for item in items])
+
+
 class DenseTask:
     """Batch, augmentation and store plumbing of a task with one target dict per image.
 

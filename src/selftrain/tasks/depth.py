@@ -28,7 +28,7 @@ from torch import nn
 from selftrain.metrics import DepthErrors
 from selftrain.tasks import TASKS
 from selftrain.tasks.decoder import DenseHead
-from selftrain.tasks.dense import DenseTask, map_to_bytes, maps_from_column
+from selftrain.tasks.dense import DenseTask, map_to_bytes, maps_from_column, stack_key
 
 #: Log-depth outputs are clamped to this range before ``exp`` so a wild early head cannot overflow.
 LOG_DEPTH_RANGE = (-10.0, 10.0)
@@ -38,11 +38,7 @@ class DepthMeter(DepthErrors):
     """:class:`DepthErrors` that also takes the tasks' lists of ``{"depth": (H, W)}`` dicts."""
 
     def update(self, preds: torch.Tensor | Sequence[dict], targets: torch.Tensor | Sequence[dict]) -> None:
-        if not isinstance(preds, torch.Tensor):
-            preds = torch.stack([p["depth"] for p in preds])
-        if not isinstance(targets, torch.Tensor):
-            targets = torch.stack([t["depth"] for t in targets])
-        super().update(preds, targets)
+        super().update(stack_key(preds, "depth"), stack_key(targets, "depth"))
 
 
 @TASKS.register("depth")

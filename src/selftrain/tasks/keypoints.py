@@ -23,6 +23,7 @@ from torch import nn
 from selftrain.metrics import KeypointNME
 from selftrain.tasks import TASKS
 from selftrain.tasks.decoder import DenseHead
+from selftrain.tasks.dense import stack_key
 
 
 class KeypointMeter(KeypointNME):
@@ -37,11 +38,7 @@ class KeypointMeter(KeypointNME):
         targets: torch.Tensor | Sequence[dict],
         norm: torch.Tensor | float | None = None,
     ) -> None:
-        if not isinstance(preds, torch.Tensor):
-            preds = torch.stack([p["keypoints"] for p in preds])
-        if not isinstance(targets, torch.Tensor):
-            targets = torch.stack([t["keypoints"] for t in targets])
-        super().update(preds, targets, norm)
+        super().update(stack_key(preds, "keypoints"), stack_key(targets, "keypoints"), norm)
 
 
 def gaussian_heatmaps(keypoints: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:

@@ -19,18 +19,14 @@ from selftrain.data.targets import IGNORE_INDEX
 from selftrain.metrics import SegmentationIoU
 from selftrain.tasks import TASKS
 from selftrain.tasks.decoder import DenseHead
-from selftrain.tasks.dense import DenseTask, map_to_bytes, maps_from_column
+from selftrain.tasks.dense import DenseTask, map_to_bytes, maps_from_column, stack_key
 
 
 class SegmentationMeter(SegmentationIoU):
     """:class:`SegmentationIoU` that also takes the tasks' lists of ``{"mask": (H, W)}`` dicts."""
 
     def update(self, preds: torch.Tensor | Sequence[dict], targets: torch.Tensor | Sequence[dict]) -> None:
-        if not isinstance(preds, torch.Tensor):
-            preds = torch.stack([p["mask"] for p in preds])
-        if not isinstance(targets, torch.Tensor):
-            targets = torch.stack([t["mask"] for t in targets])
-        super().update(preds, targets)
+        super().update(stack_key(preds, "mask"), stack_key(targets, "mask"))
 
 
 class PseudoMaskQuality(SegmentationMeter):
