@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import csv
-import functools
-import importlib.util
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _formats import (
+    column_major_runs,
+    compressed_rle,
+    photo,
+    save_image,
+    save_palette_png,
+    write_json,
+)
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from selftrain.data import (
     CocoSource,
@@ -30,32 +34,6 @@ from selftrain.data.targets import IGNORE_INDEX, BadAnnotationError
 # ------------------------------------------------------------------------------ fixture helpers
 
 
-@functools.lru_cache(maxsize=1)
-def _china() -> np.ndarray | None:
-    """scikit-learn's sample photo (shipped in the wheel), found without importing sklearn."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "images" / "china.jpg"
-    if not path.is_file():
-        return None
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A crop of a real photo, or a drawn gradient where scikit-learn is absent."""
-    source = _china()
-    if source is None:
-        yy, xx = np.mgrid[:height, :width]
-        channels = [xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1), (xx + yy + 37 * seed) % 256]
-        return np.stack(channels, axis=-1).astype(np.uint8)
-    rng = np.random.default_rng(seed)
-    top = int(rng.integers(0, source.shape[0] - height))
-    left = int(rng.integers(0, source.shape[1] - width))
-    return source[top : top + height, left : left + width].copy()
-
-
 def square_photo(height: int, width: int, box: tuple[int, int, int, int]) -> np.ndarray:
     """A darkened photo with a white square at XYXY ``box``: the only pixels brighter than 200."""
     image = photo(height, width) // 2
@@ -64,34 +42,10 @@ def square_photo(height: int, width: int, box: tuple[int, int, int, int]) -> np.
     return image
 
 
-def save_image(path: Path, array: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
-
-
 def rect(height: int, width: int, x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
     mask = np.zeros((height, width), dtype=np.uint8)
     mask[y1:y2, x1:x2] = 1
     return mask
-
-
-def column_major_runs(mask: np.ndarray) -> list[int]:
-    """COCO uncompressed RLE counts, computed independently of pycocotools: column-major, zeros first."""
-    flat = np.asfortranarray(mask).ravel(order="F").astype(np.int64)
-    edges = np.flatnonzero(np.diff(flat)) + 1
-    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
-    return ([0] + runs) if flat[0] == 1 else runs
-
-
-def compressed_rle(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-
-
-def write_json(path: Path, doc: object) -> Path:
-    path.write_text(json.dumps(doc))
-    return path
 
 
 def has_skip(source, key: str, text: str) -> bool:
@@ -139,7 +93,8 @@ def coco(tmp_path: Path) -> Path:
 def test_coco_reads_boxes_masks_keypoints_and_remaps_category_ids(coco: Path) -> None:
     source = build_source(f"coco:{coco}?images={coco.parent / 'img'}")
     assert isinstance(source, CocoSource)
-    assert source.classes == ["car", "dog", "person", "background"]
+    assert source.classes == ["car", "dog", "person"]  # detection classes: the categories by id
+    assert source.mask_classes == ["background", "car", "dog", "person"]  # the run's mask convention
     assert source.target_keys == ("boxes", "labels", "mask", "keypoints")
     assert [source.key(i) for i in range(len(source))] == ["a.png", "b.png"]
     assert source.annotation_skips == []
@@ -151,16 +106,18 @@ def test_coco_reads_boxes_masks_keypoints_and_remaps_category_ids(coco: Path) ->
     assert t["keypoints"].shape == (3, 3, 3)
     assert t["keypoints"][2].tolist() == [[45, 4, 1], [50, 5, 1], [0, 0, 0]]  # v 2 and 1 -> 1; v 0 -> missing
     assert not t["keypoints"][:2].any()  # categories without keypoints
-    mask = t["mask"]
+    mask = t["mask"]  # 0 = background, label + 1 = its category, 255 = crowd
     assert mask.shape == (48, 64) and mask.dtype == torch.int64
-    assert mask[15, 15] == 1  # dog polygon
-    assert mask[25, 27] == 0  # the car RLE is drawn over the dog
-    assert mask[5, 50] == 2  # person, uncompressed RLE
+    assert mask[15, 15] == 2  # dog polygon
+    assert mask[25, 27] == 1  # the car RLE is drawn over the dog
+    assert mask[5, 50] == 3  # person, uncompressed RLE
     assert (mask[40:48, 0:16] == IGNORE_INDEX).all()  # crowd
-    assert mask[0, 0] == 3 == source.background
+    assert mask[0, 0] == 0
     empty = source.load_targets(1)
     assert empty["boxes"].shape == (0, 4) and empty["keypoints"].shape == (0, 3, 3)
-    assert (empty["mask"] == 3).all()
+    assert (empty["mask"] == 0).all()
+    # Image-level labels for the split: the largest box (car, 25x20) of a.png; none in b.png.
+    assert source.labels.tolist() == [0, -1]
     assert source.load(0).shape == (3, 48, 64)
 
 
@@ -318,34 +275,12 @@ def test_coco_resize_keeps_boxes_and_masks_on_the_object(tmp_path: Path) -> None
     # Every bright pixel lies inside the scaled box (pixel i covers [i, i + 1)).
     assert xs.min() >= box[0] - 1 and xs.max() + 1 <= box[2] + 1
     assert ys.min() >= box[1] - 1 and ys.max() + 1 <= box[3] + 1
-    on_object = targets["mask"] == 1
+    on_object = targets["mask"] == 2  # the dog, label 1
     assert on_object[bright].all()  # the mask covers the square ...
     assert (image.float().mean(dim=0)[on_object] > 150).all()  # ... and no dark photo pixel
 
 
 # ------------------------------------------------------------------------------------------- VOC
-
-
-def voc_palette() -> list[int]:
-    """The standard VOC colour map (bit-interleaved class index)."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-def save_palette_png(path: Path, indices: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.frombytes("P", (indices.shape[1], indices.shape[0]), indices.astype(np.uint8).tobytes())
-    image.putpalette(voc_palette())
-    image.save(path)
 
 
 def voc_mask(height: int, width: int, cls: int, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -373,7 +308,9 @@ def voc(tmp_path: Path) -> Path:
 def test_voc_reads_palette_masks_and_splits(voc: Path) -> None:
     source = build_source(f"voc:{voc}")
     assert isinstance(source, VocSource)
-    assert source.classes == VOC_CLASSES and len(source.classes) == 21 and source.classes[15] == "person"
+    assert source.mask_classes == VOC_CLASSES and len(VOC_CLASSES) == 21 and VOC_CLASSES[15] == "person"
+    assert source.classes == VOC_CLASSES[1:]  # object classes: mask value c + 1 is classes[c]
+    assert source.labels.tolist() == [14, 13, 12]  # the class with the most pixels (person = 15 -> 14, ...)
     assert [source.key(i) for i in range(len(source))] == ["2007_000001", "2007_000002", "2007_000003"]
     mask = source.load_targets(0)["mask"]
     assert mask.dtype == torch.int64 and mask.shape == (30, 40)
@@ -409,7 +346,8 @@ def test_voc_unusable_masks_drop_their_images(voc: Path) -> None:
     assert len(train) == 1
     assert has_skip(train, "no_mask", "mask file not found") and has_skip(train, "2007_000001", "listed twice")
     wide = build_source(f"voc:{voc}?classes=40")
-    assert len(wide) == 4 and wide.classes[30] == "class_30"
+    assert len(wide) == 4 and wide.mask_classes[30] == "class_30" == wide.classes[29]
+    assert wide.mask_classes[0] == "background" and len(wide.classes) == 39
     with pytest.raises(BadAnnotationError, match=r"bad_size\.png: bad_size: mask is 20x20"):
         build_source(f"voc:{voc}", strict=True)
     with pytest.raises(DataError, match="classes must be an integer"):

@@ -64,6 +64,22 @@ def test_all_unlabeled_uses_plain_permutation() -> None:
     assert labeled_subset(np.empty(0, dtype=np.int64), 0.5, seed=0).tolist() == []
 
 
+def test_keep_unknown_makes_the_unknown_samples_one_more_nested_stratum() -> None:
+    # Dense sources: an image without an object (-1) still has targets and may be labeled.
+    labels = np.random.default_rng(0).permutation(np.array([-1] * 40 + [0] * 30 + [1] * 30))
+    subsets = [labeled_subset(labels, f, seed=2, keep_unknown=True) for f in (0.1, 0.3, 1.0)]
+    assert set(subsets[0].tolist()) < set(subsets[1].tolist()) < set(subsets[2].tolist())
+    assert len(subsets[2]) == 100 and np.bincount(labels[subsets[0]] + 1).tolist() == [4, 3, 3]
+    # The known classes are drawn exactly as without the option; only the unknown stratum is added.
+    plain = labeled_subset(labels, 0.3, seed=2)
+    assert np.array_equal(subsets[1][labels[subsets[1]] >= 0], plain)
+    assert np.array_equal(subsets[1], labeled_subset(labels, 0.3, seed=2, keep_unknown=True))
+    assert not np.array_equal(subsets[1], labeled_subset(labels, 0.3, seed=3, keep_unknown=True))
+    # All unknown (depth maps): the same unstratified permutation with or without the option.
+    unknown = np.full(30, -1)
+    assert np.array_equal(labeled_subset(unknown, 0.2, 5, keep_unknown=True), labeled_subset(unknown, 0.2, 5))
+
+
 @pytest.mark.parametrize("fraction", [0, -0.1, 1.01, float("nan"), "0.5", True])
 def test_invalid_fraction(labels: np.ndarray, fraction: object) -> None:
     with pytest.raises(ValueError, match="fraction"):

@@ -1,23 +1,28 @@
-"""The dense tasks (segmentation, depth, detection) through teach -> label -> student -> transfer on scenes."""
+"""The dense tasks (segmentation, depth, detection) through teach -> label -> student -> transfer, on scenes
+and on the same scenes written as COCO, VOC and depth files."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from _formats import scene_set, write_coco, write_depth, write_images, write_voc
 from typer.testing import CliRunner
 
 from selftrain.cli import app
-from selftrain.config import ConfigError, build_config
+from selftrain.config import FILE_IMAGE_SIZE, ConfigError, build_config
 from selftrain.data import build_source
 from selftrain.data.targets import IGNORE_INDEX
 from selftrain.network import Network, NetworkSpec, load_network
-from selftrain.pipeline import run_pipeline
+from selftrain.outputs import RunFolder
+from selftrain.pipeline import prepare_data, run_pipeline
 from selftrain.store import PseudoLabelStore
 from selftrain.tasks import build_task
 from selftrain.tasks.detection import DetectionHead
@@ -204,3 +209,116 @@ def test_the_report_reads_a_lower_is_better_metric_the_right_way_round(tmp_path)
     build_report(tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "absrel (lower is better)" in md and "-0.05 ± 0 (n=1 paired, better)" in md
+
+
+# ------------------------------------------------------------------ the same runs on real annotation formats
+
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory) -> dict[str, str]:
+    """Scenes written in the real formats -> URIs. The labeled sets hold 16 images of two sizes
+    (8 at 40 px, 8 at 48 px), the test sets 8 held-out scenes, the pool folder 8 more images."""
+    root = tmp_path_factory.mktemp("formats")
+    train = [("a", scene_set("train", 8, 40)), ("b", scene_set("train", 8, 48, seed=1))]
+    test = [("t", scene_set("test", 8, 40))]
+    labeled = write_coco(root / "coco" / "labeled.json", train)
+    doc = json.loads(labeled.read_text())  # one malformed annotation: a box of zero width
+    doc["annotations"].append({"id": 999, "image_id": 1, "category_id": 7, "bbox": [5, 5, 0, 9], "iscrowd": 0})
+    labeled.write_text(json.dumps(doc))
+    write_coco(root / "coco" / "test.json", test)
+    return {
+        "coco": f"coco:{labeled}", "coco-test": f"coco:{root / 'coco' / 'test.json'}",
+        "voc": f"voc:{write_voc(root / 'voc', train)}?classes=4", "voc-test": f"voc:{write_voc(root / 'voc-test', test)}?classes=4",
+        "depth": f"depth:{write_depth(root / 'depth', train)}", "depth-test": f"depth:{write_depth(root / 'depth-test', test)}",
+        "pool": f"imagefolder:{write_images(root / 'pool', [('p', scene_set('train', 8, 44, seed=2))])}",
+    }  # fmt: skip
+
+
+def format_overrides(task: str, labeled: str, unlabeled: str, test: str) -> list[str]:
+    """The few-second dense run, on files: half of the 16 labeled images keep their labels, 32 px."""
+    data = [f"data.labeled={labeled}", f"data.unlabeled={unlabeled}", f"data.test={test}", "data.label_fraction=0.5"]
+    return dense_overrides(task) + data + ["data.image_size=32"]
+
+
+@pytest.mark.parametrize(
+    "task, labeled, unlabeled, test",
+    [
+        ("detection", "coco", "coco", "coco-test"),  # the pool is the labeled file outside the split
+        ("segmentation", "coco", "pool", "coco-test"),
+        ("segmentation", "voc", "pool", "voc-test"),  # the pool is a folder of unlabeled images
+        ("depth", "depth", "depth", "depth-test"),
+    ],
+)
+def test_a_run_on_real_annotation_formats(task, labeled, unlabeled, test, formats, tmp_path):
+    out = run_pipeline(build_config({}, format_overrides(task, formats[labeled], formats[unlabeled], formats[test])), tmp_path)
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    got = {(r["method"], r["round"], r["metric"]) for r in rows}
+    assert got == {(m, r, k) for m, r in (("supervised", "0"), ("self-training", "1")) for k in METRICS[task]}
+    assert all(np.isfinite(float(r["value"])) for r in rows) and {r["dataset"] for r in rows} == {formats[test]}
+
+    split = json.loads((out / "splits/labeled-0.5-seed0.json").read_text())
+    assert split["meta"]["stratified"] is (task != "depth")  # depth maps name no class: a plain permutation
+    store = PseudoLabelStore(out / "label/round-1")
+    manifest, stats = store.manifest, store.manifest["stats"][task]
+    n_pool = 16 - len(split["keys"]) if unlabeled == labeled else 8
+    assert store.complete and manifest["processed"] == manifest["total"] == stats["records"] == n_pool
+    assert store.read(columns=["key"]).num_rows == n_pool
+    # Hidden targets (quality statistics) only where the pool is the labeled file.
+    assert ("quality" in stats) is (unlabeled == labeled)
+    assert load_network(out / "teach/model.safetensors").spec.image_size == 32
+
+    data = json.loads((out / "data.json").read_text())
+    assert data["labeled"]["total"] == data["labeled"]["processed"] == 16 and data["test"]["processed"] == 8
+    if labeled == "coco":  # the malformed annotation was dropped, counted and named in the data manifest
+        assert data["labeled"]["annotation_skips"] == 1
+        (record,) = data["labeled"]["annotation_skip_records"]
+        assert record["key"] == "a000.png" and "annotation 999: zero or negative area" in record["reason"]
+
+
+def test_unstratified_splits_of_a_depth_source_are_nested_repeatable_and_sized(formats, tmp_path, caplog):
+    def keys(fraction: float, out) -> list[str]:
+        cfg = build_config({}, format_overrides("depth", formats["depth"], formats["depth"], formats["depth-test"])
+                           + [f"data.label_fraction={fraction}", "data.image_size="])  # fmt: skip
+        with caplog.at_level(logging.INFO, logger="selftrain"):
+            data = prepare_data(cfg, RunFolder(out))
+        assert data.classes == [] and data.image_size == FILE_IMAGE_SIZE  # unset: image files come out at 32 px
+        assert data.labeled.load(0).shape[-2:] == data.test.load(0).shape[-2:] == (32, 32)
+        assert data.labeled.load_targets(0)["depth"].shape == (32, 32)
+        assert data.pool_targets is data.labeled  # the pool's hidden depth maps, for the label statistics
+        return [data.labeled.key(int(i)) for i in data.labeled_idx]
+
+    quarter, half = keys(0.25, tmp_path / "a"), keys(0.5, tmp_path / "a")
+    assert len(quarter) == 4 and len(half) == 8 and set(quarter) < set(half)
+    assert keys(0.25, tmp_path / "a") == quarter == keys(0.25, tmp_path / "b")  # reloaded, and drawn again
+    assert "data.image_size not set" in caplog.text
+
+
+def test_segmentation_checks_the_mask_convention_of_a_source(formats, tmp_path):
+    for uri in (formats["voc"], formats["coco"]):
+        source = build_source(uri, image_size=32)
+        assert source.mask_classes == ["background", *source.classes]
+        build_task("segmentation", source.classes).check_source(source, "data.labeled")  # accepted
+        # Background last (what the COCO reader used to do) or nothing declared: refused, saying why.
+        task = build_task("segmentation", source.classes)
+        source.mask_classes = [*source.classes, "background"]
+        with pytest.raises(ValueError, match=r"has mask values \[.*'background'\]; a segmentation run needs mask value 0"):
+            task.check_source(source, "data.labeled")
+        source.mask_classes = None
+        with pytest.raises(ValueError, match=r"does not say what its mask values mean"):
+            task.check_source(source, "data.labeled")
+    # A COCO file without segmentations is a detection source only.
+    doc = json.loads(Path(formats["coco-test"].removeprefix("coco:")).read_text())
+    boxes_only = tmp_path / "boxes.json"
+    boxes_only.write_text(json.dumps({**doc, "annotations": [{k: v for k, v in a.items() if k != "segmentation"}
+                                                                for a in doc["annotations"]]}))  # fmt: skip
+    source = build_source(f"coco:{boxes_only}?images={Path(formats['coco-test'][5:]).parent}")
+    assert source.mask_classes is None and source.target_keys == ("boxes", "labels")
+    build_task("detection", source.classes).check_source(source, "data.labeled")
+    with pytest.raises(ValueError, match="has no mask targets"):
+        build_task("segmentation", source.classes).check_source(source, "data.labeled")
+
+
+def test_a_test_set_with_other_classes_is_refused(formats, tmp_path):
+    cfg = build_config({}, format_overrides("segmentation", formats["coco"], formats["pool"], formats["voc-test"]))
+    with pytest.raises(ValueError, match=r"data.test=.* has the classes \['class_1'.*'trouser'.*measured on the classes"):
+        prepare_data(cfg, RunFolder(tmp_path))

@@ -32,6 +32,8 @@ class ConfigError(ValueError):
 #: Tasks that teach / label / student / transfer run end to end (keypoints has its module in
 #: selftrain.tasks but no source in the stages' data path yet).
 PIPELINE_TASKS = ("classification", "segmentation", "depth", "detection")
+#: ``data.image_size`` when it is not set and the labeled images are files, which may differ in size.
+FILE_IMAGE_SIZE = 32
 #: Tasks with one target dict per image (boxes, masks, depth maps) rather than a class per image.
 DENSE_TASKS = ("segmentation", "depth", "detection")
 
@@ -62,7 +64,10 @@ class DataConfig(_Strict):
     )
     test: str | None = "fashion-mnist:test"
     label_fraction: float = Field(0.01, gt=0, le=1)
-    image_size: int | None = Field(None, ge=8, le=1024, description="None: the source's own size")
+    image_size: int | None = Field(
+        None, ge=8, le=1024, description=f"None: the source's own size for in-memory sources (IDX, scenes), "
+        f"{FILE_IMAGE_SIZE} px for image files (folders, COCO, VOC, depth), whose sizes may differ",
+    )  # fmt: skip
     channels: Literal[1, 3] | None = None
     pool_limit: int | None = Field(None, ge=1, description="use only the first N pool images")
     strict: bool = Field(False, description="a bad image is an error instead of a counted skip")

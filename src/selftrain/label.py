@@ -10,7 +10,8 @@ the statistics, is written last.
 What a record holds is the task's business (``task.encode_records``; dense columns are listed
 in :mod:`selftrain.tasks.dense`). Dense tasks are filtered by ``label.threshold`` on their
 per-record confidence and never class-balanced; their statistics measure the pseudo labels
-against the pool's hidden targets where it has them (scenes).
+against the pool's hidden targets where it has them (scenes, or a coco:/voc:/depth: pool that is
+the labeled source outside its split).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
       config.yaml        resolved config (every default written out)
       run.json           package version, git commit, command line, start time
       splits/            the labeled split's image keys (repeatable runs)
-      data.json          sources, sizes and skipped images (processed + skipped = total)
+      data.json          sources, sizes, skipped images (processed + skipped = total), dropped annotations
       teach/             model.safetensors (+ .json), metrics.jsonl, checkpoints/, done.json
       label/round-1/     the pseudo-label store: shard-*.parquet, selection.parquet, manifest.json
       student/round-1/   like teach/

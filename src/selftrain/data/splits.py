@@ -4,6 +4,13 @@ Subsets are nested by construction: for a given seed every class is shuffled
 once with an RNG seeded by ``(seed, class)`` and a fraction takes a prefix of
 that order, so the 1% subset is always inside the 10% subset. Comparisons
 across label fractions then differ only in how many labels were added.
+
+Sources without image-level classes (depth maps: every label -1) fall back to
+one seeded permutation of all samples, unstratified but nested the same way.
+Dense sources stratify on an image-level label their reader defines (COCO: the
+category of the largest box; VOC: the class with the most pixels; scenes: the
+largest item) and pass ``keep_unknown=True``, so images without an object,
+which still have targets, form a stratum of their own.
 """
 
 from __future__ import annotations
@@ -21,19 +28,23 @@ from selftrain.atomic import atomic_write_text
 from selftrain.data.sources import DataError
 
 
-def labeled_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def labeled_subset(labels: np.ndarray, fraction: float, seed: int, *, keep_unknown: bool = False) -> np.ndarray:
     """Pick the indices that keep their labels.
 
     When any label is known (>= 0), each class ``c`` keeps the first
     ``max(1, round(fraction * n_c))`` of its samples in an order drawn from
     ``np.random.default_rng([seed, c])``; unknown samples (-1) are never
-    picked. When no label is known, the first ``max(1, round(fraction * N))``
-    of one permutation of all samples are picked.
+    picked, unless ``keep_unknown``. When no label is known, the first
+    ``max(1, round(fraction * N))`` of one permutation of all samples, drawn
+    from ``np.random.default_rng([seed])``, are picked.
 
     Args:
         labels: ``(N,)`` integer labels, -1 for unknown.
         fraction: Share to keep, ``0 < fraction <= 1``.
         seed: Non-negative integer seed.
+        keep_unknown: The unknown samples form one more stratum, ordered by
+            ``default_rng([seed])`` as in the all-unknown case, instead of
+            never being picked (for dense sources, whose labels only stratify).
 
     Returns:
         Sorted ``int64`` indices.
@@ -56,6 +67,10 @@ def labeled_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray
         order = np.random.default_rng([seed]).permutation(labels.size)
         return np.sort(order[: _take(fraction, labels.size)]).astype(np.int64)
     picked = []
+    unknown = np.flatnonzero(~known)
+    if keep_unknown and unknown.size:
+        order = np.random.default_rng([seed]).permutation(unknown.size)
+        picked.append(unknown[order[: _take(fraction, unknown.size)]])
     for c in np.unique(labels[known]):
         members = np.flatnonzero(labels == c)
         # One RNG per class: a class's order does not depend on other classes

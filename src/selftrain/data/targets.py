@@ -97,9 +97,16 @@ class DenseSource(Source):
     Attributes:
         target_keys: The keys :meth:`load_targets` returns (see the module table).
         annotation_skips: One ``{"key", "path", "reason"}`` per annotation dropped while reading.
+        mask_classes: With a ``mask`` target, the name of each mask value (index = value), else
+            ``None``. Every reader follows the run's convention, ``["background", *classes]``:
+            0 = background, ``c + 1`` = object class ``c`` (the box label ``c``), and
+            :data:`IGNORE_INDEX` = no label; a segmentation run checks it.
+        labels: One image-level class per image for stratified label-fraction splits, ``-1`` for
+            an image without one (each reader says how it picks it).
     """
 
     target_keys: tuple[str, ...] = ()
+    mask_classes: list[str] | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

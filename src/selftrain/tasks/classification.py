@@ -24,6 +24,7 @@ class Classification:
     metric = "top1"  # the headline metric, higher is better
     higher_is_better = True
     dense = False  # one tensor of targets per batch, not one dict per image (selftrain.tasks.dense)
+    needs_classes = True  # a labeled source without classes is refused before the task is built
 
     def __init__(self, num_classes: int) -> None:
         if num_classes < 2:

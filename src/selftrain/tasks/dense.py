@@ -46,6 +46,8 @@ class DenseTask:
     """
 
     dense = True
+    #: Whether the labeled source must name classes (box labels, mask values); depth does not.
+    needs_classes = True
     name: str
     #: The keys of a source's targets this task learns from (and is evaluated on).
     target_keys: tuple[str, ...] = ()

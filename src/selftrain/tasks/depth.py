@@ -56,6 +56,7 @@ class Depth(DenseTask):
     metric = "absrel"  # the headline metric; the accumulator comes from build_metric()
     higher_is_better = False
     target_keys = ("depth",)
+    needs_classes = False  # depth: sources such as depth:ROOT name no classes
     #: One output channel; the size a saved network spec records for depth.
     num_classes = 1
 

@@ -72,12 +72,20 @@ class Segmentation(DenseTask):
         return cls(len(classes) + 1)  # background + the object classes
 
     def check_source(self, source, where: str) -> None:
-        """Also checks the mask convention: value 0 = background, ``c + 1`` = object class ``c``."""
+        """Also checks the mask convention: value 0 = background, ``c + 1`` = object class ``c``.
+
+        A source declares what its mask values mean in ``mask_classes`` (scenes:, voc: and coco:
+        sources give ``["background", *classes]``); one that declares nothing, or another
+        mapping, is refused rather than trained on classes shifted by one.
+        """
         super().check_source(source, where)
-        if getattr(source, "mask_classes", None) != ["background", *(source.classes or [])]:
+        declared = getattr(source, "mask_classes", None)
+        expected = ["background", *(source.classes or [])]
+        if declared is None or list(declared) != expected:
+            what = "does not say what its mask values mean" if declared is None else f"has mask values {declared!r}"
             raise ValueError(
-                f"{where}={source.uri!r}: its masks do not say they follow the run's convention (0 = background, "
-                "c + 1 = class c, as scenes: sources do); segmentation runs on scenes: sources for now"
+                f"{where}={source.uri!r} {what}; a segmentation run needs mask value 0 = background and "
+                f"c + 1 = class c, i.e. mask_classes {expected!r} (the convention of scenes:, voc: and coco: sources)"
             )
 
     def __init__(self, num_classes: int, width: int = 32) -> None:

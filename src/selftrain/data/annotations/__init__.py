@@ -12,6 +12,11 @@ URIs (relative paths are relative to the working directory):
 - ``keypoints:FILE.csv[?images=DIR]`` / ``keypoints:FILE.json[?images=DIR]`` -- one ``(P, 3)``
   set of points per image; ``DIR`` defaults to the file's folder.
 
+``classes`` are always the object classes (box label ``c``); a mask says background with 0, class
+``c`` with ``c + 1`` and "no label" with 255, and ``mask_classes`` (``["background", *classes]``)
+names its values, which a segmentation run checks. ``labels`` are one image-level class per image
+(the largest object) for stratified splits; depth maps have none (``-1``).
+
 Each format has its own module (:mod:`.coco`, :mod:`.voc`, :mod:`.depth`, :mod:`.keypoints`); the
 checks, skip records and ``image_size`` geometry they share are in :mod:`.base`.
 """

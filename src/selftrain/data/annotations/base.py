@@ -98,7 +98,9 @@ class AnnotatedSource(DenseSource):
 
     Subclasses supply the targets in original pixels (:meth:`_raw_targets`); this class decodes
     the images, checks that each has the size its annotations were made for, and applies the
-    ``image_size`` resize to image and targets alike.
+    ``image_size`` resize to image and targets alike. ``labels`` (image-level, for stratified
+    splits) and ``mask_classes`` follow :class:`~selftrain.data.targets.DenseSource`; without
+    ``labels`` every image is ``-1`` and splits are drawn unstratified.
     """
 
     def __init__(
@@ -111,16 +113,19 @@ class AnnotatedSource(DenseSource):
         channels: int | None,
         image_size: int | None,
         skips: list[dict[str, str]],
+        labels: np.ndarray | None = None,
+        mask_classes: list[str] | None = None,
     ) -> None:
         super().__init__(
             uri,
             classes=classes,
-            labels=np.full(len(items), -1, dtype=np.int64),
+            labels=np.full(len(items), -1, dtype=np.int64) if labels is None else labels,
             channels=channels or 3,
             image_size=image_size,
             in_memory=False,
         )
         self.target_keys = target_keys
+        self.mask_classes = mask_classes
         self.annotation_skips = list(skips)
         self._items = items
 

@@ -3,6 +3,8 @@
 Boxes, labels, a per-pixel class mask and, when a category declares keypoints, ``(n, P, 3)``
 keypoints aligned with the boxes. ``DIR`` defaults to the JSON file's folder. RLE segmentations
 are parsed and checked here (:func:`rle_string_counts`) before anything reaches pycocotools.
+The mask follows the run's convention (0 = background, ``c + 1`` = category ``c``), so the same
+file serves detection and segmentation runs.
 """
 
 from __future__ import annotations
@@ -55,26 +57,27 @@ class _CocoObjects:
 class CocoSource(AnnotatedSource):
     """COCO instance annotations: ``coco:ANNOTATIONS.json[?images=DIR]``.
 
-    Category ids are mapped to labels ``0..K-1`` in order of id and named after the categories.
-    When the file has segmentations, ``mask`` is a target and ``classes`` gets one more entry,
-    ``"background"`` (label ``K``), for pixels no annotation covers, so every value of every target
-    is below ``len(classes)`` (or :data:`IGNORE_INDEX`). Later annotations are drawn over earlier
-    ones; crowd (``iscrowd``) regions are :data:`IGNORE_INDEX` in the mask and are not boxes.
-    Keypoints are ``(n, P, 3)``, one row per box (P = the most any category declares; boxes of
-    other categories get ``v = 0``), with ``v = 1`` for COCO visibility 1 or 2.
+    Category ids are mapped to labels ``0..K-1`` in order of id, and ``classes`` are the
+    category names in that order: box label ``c`` is ``classes[c]``. When the file has
+    segmentations, ``mask`` is a target in the run's convention: 0 for pixels no annotation
+    covers (background), ``c + 1`` for category ``c``, :data:`IGNORE_INDEX` for crowd
+    (``iscrowd``) regions, which are not boxes; ``mask_classes`` is ``["background", *classes]``.
+    Later annotations are drawn over earlier ones. Keypoints are ``(n, P, 3)``, one row per box
+    (P = the most any category declares; boxes of other categories get ``v = 0``), with ``v = 1``
+    for COCO visibility 1 or 2.
 
-    Attributes:
-        background: The mask value of unannotated pixels (``len(classes) - 1``), or ``None``
-            without masks.
+    The image-level ``labels`` (for stratified label-fraction splits) are the category of each
+    image's largest box by area, as scene sets use their largest item; ``-1`` for an image
+    without a box. Box area rather than mask area, so that files without segmentations get the
+    same labels and nothing is rasterized to build the source.
     """
 
     def __init__(
         self, uri: str, items: list[_Item], objects: list[_CocoObjects], *, num_points: int, **kwargs: Any
     ) -> None:
-        super().__init__(uri, items, **kwargs)
+        super().__init__(uri, items, labels=[_largest_box_label(obj) for obj in objects], **kwargs)
         self._objects = objects
         self._num_points = num_points
-        self.background = len(self.classes) - 1 if "mask" in self.target_keys else None
 
     def _raw_targets(self, i: int) -> dict[str, np.ndarray]:
         obj = self._objects[i]
@@ -85,8 +88,17 @@ class CocoSource(AnnotatedSource):
         if "keypoints" in self.target_keys:
             out["keypoints"] = np.asarray(obj.keypoints, dtype=np.float32).reshape(-1, self._num_points, 3)
         if "mask" in self.target_keys:
-            out["mask"] = _coco_mask(obj, self.background)
+            out["mask"] = _coco_mask(obj)
         return out
+
+
+def _largest_box_label(objects: _CocoObjects) -> int:
+    """The label of the image's largest box (the first of equals), ``-1`` without a box."""
+    if not objects.boxes:
+        return -1
+    boxes = np.asarray(objects.boxes, dtype=np.float64)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return int(objects.labels[int(np.argmax(areas))])
 
 
 def build_coco(uri: str, rest: str, *, image_size: int | None, channels: int | None, strict: bool) -> CocoSource:
@@ -129,12 +141,14 @@ def build_coco(uri: str, rest: str, *, image_size: int | None, channels: int | N
     keys = ("boxes", "labels") + (("mask",) if has_masks else ()) + (("keypoints",) if cats.num_points else ())
     if has_masks and len(cats.names) >= IGNORE_INDEX:
         raise DataError(f"{path}: {len(cats.names)} categories + background collide with ignore index {IGNORE_INDEX}")
+    mask_classes = ["background", *cats.names] if has_masks else None
     return CocoSource(
         uri,
         [item for item, _ in order],
         [objects for _, objects in order],
         num_points=cats.num_points,
-        classes=cats.names + (["background"] if has_masks else []),
+        classes=cats.names,
+        mask_classes=mask_classes,
         target_keys=keys,
         channels=channels,
         image_size=image_size,
@@ -240,7 +254,7 @@ def _add_coco_annotation(ann: dict[str, Any], objects: _CocoObjects, cats: _Coco
     if points is not None:
         objects.keypoints.append(points)
     if segmentation is not None:
-        objects.segments.append((label, segmentation))
+        objects.segments.append((label + 1, segmentation))  # mask value 0 is the background
     return ""
 
 
@@ -332,15 +346,15 @@ def rle_string_counts(text: str) -> list[int] | None:
     return None if shift else runs
 
 
-def _coco_mask(objects: _CocoObjects, background: int) -> np.ndarray:
-    """Rasterizes the segments of one image in file order, later ones on top.
+def _coco_mask(objects: _CocoObjects) -> np.ndarray:
+    """Rasterizes the segments of one image in file order, later ones on top, over background 0.
 
     Polygons are rasterized by pycocotools (so masks match COCO's own evaluation); RLE is
     expanded here from run lengths checked at build time, which keeps malformed runs away from
     pycocotools' unchecked C decoder.
     """
     height, width = objects.height, objects.width
-    mask = np.full((height, width), background, dtype=np.int64)
+    mask = np.zeros((height, width), dtype=np.int64)
     for value, seg in objects.segments:
         if isinstance(seg, list):
             # Lazy: only polygons need the C extension.

@@ -1,7 +1,8 @@
 """VOC-style semantic segmentation: ``voc:ROOT[?split=train][&classes=21]``.
 
 ``ROOT/JPEGImages/NAME.jpg`` with the palette-index mask ``ROOT/SegmentationClass/NAME.png``;
-``split`` reads ``ROOT/ImageSets/Segmentation/SPLIT.txt``.
+``split`` reads ``ROOT/ImageSets/Segmentation/SPLIT.txt``. VOC masks already follow the run's
+convention: palette index 0 is the background, ``c + 1`` object class ``c``, 255 the void border.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ class VocSource(AnnotatedSource):
     The mask is the palette index of ``SegmentationClass/NAME.png`` (an 8-bit grayscale PNG of
     indices works too); 255, the VOC object border, is :data:`IGNORE_INDEX`. Items are the names
     in ``ImageSets/Segmentation/NAME.txt`` with ``split``, otherwise every mask, sorted.
+
+    Index 0 is the background, so ``classes`` are the object classes (``VOC_CLASSES[1:]``, or
+    ``class_1 .. class_{N-1}`` with ``classes=N``) and ``mask_classes`` is
+    ``["background", *classes]``: mask value ``c + 1`` is ``classes[c]``, the run's convention.
+    The image-level ``labels`` (for stratified label-fraction splits) are the object class
+    covering the most pixels of each mask (the lowest of equals), ``-1`` for a mask of only
+    background and void, as scene sets use their largest item.
     """
 
     def __init__(self, uri: str, items: list[_Item], masks: list[Path], **kwargs: Any) -> None:
@@ -49,7 +57,8 @@ class VocSource(AnnotatedSource):
         item, path = self._items[i], self._masks[i]
         try:
             mask = _read_index_mask(path)
-            check_dense_map(mask, name="mask", height=item.size[1], width=item.size[0], num_classes=len(self.classes))
+            width, height = item.size
+            check_dense_map(mask, name="mask", height=height, width=width, num_classes=len(self.mask_classes))
         except DataError as exc:
             raise BadAnnotationError(str(path), f"changed since the source was built: {exc}") from exc
         return {"mask": mask.astype(np.int64)}
@@ -64,30 +73,32 @@ def build_voc(uri: str, rest: str, *, image_size: int | None, channels: int | No
     """
     target, params = _split_uri(uri, rest, "voc", ("split", "classes"))
     root = _directory(uri, Path(target).expanduser())
-    classes = _voc_classes(uri, params.get("classes"))
+    mask_classes = _voc_classes(uri, params.get("classes"))
     image_dir, mask_dir = root / "JPEGImages", root / "SegmentationClass"
     for folder in (image_dir, mask_dir):
         if not folder.is_dir():
             raise DataError(f"{uri}: {folder} is not a directory (VOC layout: ROOT/JPEGImages, ROOT/SegmentationClass)")
     names, listing = _voc_names(uri, root, mask_dir, params.get("split"))
     skips = _SkipLog(uri, strict)
-    items, masks, seen = [], [], set()
+    items, masks, labels, seen = [], [], [], set()
     for name in tqdm(names, desc="check masks", unit="mask", disable=len(names) <= _PROGRESS_MIN_ITEMS):
         if name in seen:
             skips.add(name, listing, "listed twice")
             continue
         seen.add(name)
-        found = _voc_item(name, image_dir, mask_dir, len(classes), skips)
+        found = _voc_item(name, image_dir, mask_dir, len(mask_classes), skips)
         if found is not None:
             items.append(found[0])
             masks.append(found[1])
+            labels.append(found[2])
     return VocSource(
-        uri, items, masks, classes=classes, target_keys=("mask",), channels=channels,
-        image_size=image_size, skips=skips.finish(len(items)),
+        uri, items, masks, classes=mask_classes[1:], mask_classes=mask_classes, labels=labels,
+        target_keys=("mask",), channels=channels, image_size=image_size, skips=skips.finish(len(items)),
     )  # fmt: skip
 
 
 def _voc_classes(uri: str, value: str | None) -> list[str]:
+    """Names of the mask values 0..N-1: VOC's 21 (background first), or ``background, class_1, ...``."""
     if value is None:
         return list(VOC_CLASSES)
     try:
@@ -96,7 +107,7 @@ def _voc_classes(uri: str, value: str | None) -> list[str]:
         count = 0
     if not 1 <= count < IGNORE_INDEX:
         raise DataError(f"{uri}: classes must be an integer in [1, {IGNORE_INDEX - 1}], got {value!r}")
-    return list(VOC_CLASSES) if count == len(VOC_CLASSES) else [f"class_{k}" for k in range(count)]
+    return list(VOC_CLASSES) if count == len(VOC_CLASSES) else ["background", *(f"class_{k}" for k in range(1, count))]
 
 
 def _voc_names(uri: str, root: Path, mask_dir: Path, split: str | None) -> tuple[list[str], Path]:
@@ -118,8 +129,8 @@ def _voc_names(uri: str, root: Path, mask_dir: Path, split: str | None) -> tuple
 
 def _voc_item(
     name: str, image_dir: Path, mask_dir: Path, num_classes: int, skips: _SkipLog
-) -> tuple[_Item, Path] | None:
-    """The item and mask file of one VOC name, or ``None`` (recorded in ``skips``) if unusable."""
+) -> tuple[_Item, Path, int] | None:
+    """The item, mask file and image-level label of one VOC name, or ``None`` (recorded in ``skips``)."""
     image = next((image_dir / f"{name}{ext}" for ext in (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
                   if (image_dir / f"{name}{ext}").is_file()), None)  # fmt: skip
     if image is None:
@@ -137,7 +148,13 @@ def _voc_item(
     except DataError as exc:
         skips.add(name, mask_path, str(exc))
         return None
-    return _Item(name, image, (width, height)), mask_path
+    return _Item(name, image, (width, height)), mask_path, _largest_class(mask, num_classes)
+
+
+def _largest_class(mask: np.ndarray, num_classes: int) -> int:
+    """The object class (mask value - 1) with the most pixels, ``-1`` if there is none."""
+    counts = np.bincount(mask[(mask > 0) & (mask < num_classes)].ravel(), minlength=num_classes)
+    return int(np.argmax(counts)) - 1 if counts[1:].any() else -1
 
 
 def _read_index_mask(path: Path) -> np.ndarray:
