@@ -58,14 +58,16 @@ def test_dense_source_interface(src: SceneSource) -> None:
     assert image.dtype == torch.uint8 and image.shape == (1, 64, 64)
     assert torch.equal(src.load_batch([5, 0])[1], image)
     targets = src.load_targets(0)
-    assert set(targets) == set(src.target_keys) == {"boxes", "labels", "mask", "depth"}
+    assert set(targets) == set(src.target_keys) == {"boxes", "labels", "mask", "depth", "keypoints"}
     n = len(targets["labels"])
     assert targets["boxes"].dtype == torch.float32 and targets["boxes"].shape == (n, 4)
     assert targets["labels"].dtype == torch.int64
     assert targets["mask"].dtype == torch.int64 and targets["mask"].shape == (64, 64)
     assert targets["depth"].dtype == torch.float32 and targets["depth"].shape == (64, 64)
+    assert targets["keypoints"].dtype == torch.float32 and targets["keypoints"].shape == (5, 3)
     described = src.describe()
-    assert described["targets"] == ["boxes", "labels", "mask", "depth"]
+    assert described["targets"] == ["boxes", "labels", "mask", "depth", "keypoints"]
+    assert described["keypoints"] == ["top", "bottom", "left", "right", "centroid"] and src.num_points == 5
     assert described["scenes"]["items"] == [1, 5] and described["scenes"]["seed"] == 3
     with pytest.raises(IndexError):
         src.load_targets(60)
@@ -181,6 +183,67 @@ def test_solid_items_are_pasted_exactly_where_the_mask_says() -> None:
         top = scene.instances == len(scene.labels)
         x1, y1, x2, y2 = scene.boxes[-1].astype(int)
         assert top[y1:y2, x1:x2].all() and top.sum() == (x2 - x1) * (y2 - y1)  # the topmost is whole
+
+
+def test_keypoints_by_hand_with_ties() -> None:
+    region = np.zeros((8, 10), dtype=bool)
+    region[2, 3:7] = True  # top row: columns 3..6, the middle of four is column 4
+    region[3:6, 1:8] = True  # left-most column 1 (rows 3..5 -> row 4), right-most column 7 (rows 3..5 -> row 4)
+    region[6, 5] = True  # bottom: one pixel
+    # 26 pixels; column sum 3+4+5+6 + 3 * (1+...+7) + 5 = 107, row sum 4 * 2 + 7 * (3+4+5) + 6 = 98
+    expected_centroid = (107 / 26 + 0.5, 98 / 26 + 0.5)
+    points = scenes.mask_keypoints(region)
+    assert points.dtype == np.float32
+    expected = [[4.5, 2.5, 1], [5.5, 6.5, 1], [1.5, 4.5, 1], [7.5, 4.5, 1], [*expected_centroid, 1]]
+    np.testing.assert_allclose(points, expected, rtol=0, atol=1e-6)
+    assert (scenes.mask_keypoints(np.zeros((4, 4), dtype=bool)) == 0).all()  # no item: v = 0
+
+
+def test_keypoints_are_the_main_items_landmarks(src: SceneSource) -> None:
+    for i in range(len(src)):
+        t = src.load_targets(i)
+        points, instances = t["keypoints"].numpy(), src.load_instances(i).numpy()
+        main = _main_item(instances)
+        assert src.labels[i] == t["labels"][main]
+        x1, y1, x2, y2 = t["boxes"][main].tolist()
+        assert (points[:, 2] == 1).all()
+        # Inside the item's box, at pixel centres; the four extreme points sit on its box's sides
+        assert (points[:, 0] >= x1 + 0.5).all() and (points[:, 0] <= x2 - 0.5).all()
+        assert (points[:, 1] >= y1 + 0.5).all() and (points[:, 1] <= y2 - 0.5).all()
+        assert [points[0, 1], points[1, 1], points[2, 0], points[3, 0]] == [y1 + 0.5, y2 - 0.5, x1 + 0.5, x2 - 0.5]
+        for x, y in points[:4, :2]:  # on the item's visible pixels
+            assert instances[int(y), int(x)] == main + 1
+        np.testing.assert_allclose(points, scenes.mask_keypoints(instances == main + 1))
+
+
+def test_a_flip_swaps_left_and_right_and_keeps_points_on_the_item(src: SceneSource) -> None:
+    import kornia.augmentation as K
+
+    from selftrain.augment import warp_targets
+
+    idx = list(range(8))
+    images = src.load_batch(idx).float() / 255
+    targets = [{"keypoints": src.load_targets(i)["keypoints"]} for i in idx]
+    flip = K.AugmentationSequential(K.RandomHorizontalFlip(p=1.0))
+    flipped = flip(images)
+    out = warp_targets(targets, flip.transform_matrix, (64, 64), flip_pairs=src.keypoint_flip_pairs)
+    for i, before, after in zip(idx, targets, out):
+        before, after = before["keypoints"], after["keypoints"]
+        assert after[2, 0] < after[3, 0] or after[2, 0] == after[3, 0] == before[2, 0]  # left stays left
+        assert after[[0, 1, 3, 2, 4], 0].tolist() == pytest.approx((64 - before[:, 0]).tolist())
+        assert after[[0, 1, 3, 2, 4], 1].tolist() == before[:, 1].tolist()
+        # the flipped image's own landmarks, up to the tie-break of an even run of extreme pixels
+        instances = src.load_instances(i).numpy()
+        own = scenes.mask_keypoints(instances[:, ::-1] == _main_item(instances) + 1)
+        assert np.abs(after.numpy() - own).max() <= 1.0 + 1e-5
+        for x, y in after[:4, :2].tolist():  # still on the item's pixels in the flipped image
+            assert flipped[i, 0, int(y), int(x)] * 255 > scenes.FOREGROUND_THRESHOLD
+
+
+def _main_item(instances: np.ndarray) -> int:
+    """Box index of the largest visible item (ties: the nearest, i.e. last drawn)."""
+    area = np.bincount(instances.ravel())[1:]
+    return int(np.flatnonzero(area == area.max())[-1])
 
 
 def test_depth_is_layered_by_draw_order(src: SceneSource) -> None:

@@ -137,7 +137,8 @@ def test_label_killed_and_resumed_gives_the_records_of_an_uninterrupted_run(smal
     run_pipeline(cfg, tmp_path / "a", stages=["teach", "label"])
     killed = tmp_path / "b"
     run_pipeline(cfg, killed, stages=["teach"])
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    # The caller's PYTHONPATH stays after the tests folder, so the child imports the same selftrain (a source tree).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
     kills = 0
     for delay in (1.2, 1.6, 2.0):
         proc = subprocess.Popen([sys.executable, "-c", LABEL_SCRIPT, str(killed), *overrides], env=env)

@@ -1,5 +1,5 @@
-"""The dense tasks (segmentation, depth, detection) through teach -> label -> student -> transfer, on scenes
-and on the same scenes written as COCO, VOC and depth files."""
+"""The dense tasks (segmentation, depth, detection, keypoints) through teach -> label -> student -> transfer,
+on scenes and on the same scenes written as COCO, VOC and depth files."""
 
 from __future__ import annotations
 
@@ -26,9 +26,12 @@ from selftrain.pipeline import prepare_data, run_pipeline
 from selftrain.store import PseudoLabelStore
 from selftrain.tasks import build_task
 from selftrain.tasks.detection import DetectionHead
+from selftrain.tasks.keypoints import gaussian_heatmaps
 
 runner = CliRunner()
-METRICS = {"segmentation": {"miou", "pixel_acc"}, "depth": {"absrel", "rmse", "delta1"}, "detection": {"ap", "ap50"}}
+METRICS = {"segmentation": {"miou", "pixel_acc"}, "depth": {"absrel", "rmse", "delta1"}, "detection": {"ap", "ap50"},
+           "keypoints": {"nme"}}  # fmt: skip
+DENSE = list(METRICS)
 
 
 def dense_overrides(task: str) -> list[str]:
@@ -48,7 +51,7 @@ def scenes():
     return build_source("scenes:train?n=8")
 
 
-@pytest.mark.parametrize("task", ["segmentation", "depth", "detection"])
+@pytest.mark.parametrize("task", DENSE)
 def test_cli_runs_a_dense_task_end_to_end_with_a_report(task, tmp_path):
     out = tmp_path / "run"
     sets = [a for o in dense_overrides(task) for a in ("--set", o)]
@@ -65,7 +68,8 @@ def test_cli_runs_a_dense_task_end_to_end_with_a_report(task, tmp_path):
     n_pool = 48 - len(json.loads((out / "splits/labeled-0.2-seed0.json").read_text())["keys"])
     assert manifest["processed"] == manifest["total"] == stats["records"] == stats["kept"] == n_pool
     assert stats["mean_confidence"] is not None and "quality" in stats  # the scene pool has hidden targets
-    expected_quality = {"segmentation": {"coverage"}, "depth": METRICS["depth"], "detection": METRICS["detection"]}
+    expected_quality = {"segmentation": {"coverage"}, "depth": METRICS["depth"], "detection": METRICS["detection"],
+                        "keypoints": {"coverage", "nme_all"}}  # fmt: skip
     assert expected_quality[task] <= set(stats["quality"])
 
     for name in ("teach/model.safetensors", "student/round-1/model.safetensors"):
@@ -75,17 +79,22 @@ def test_cli_runs_a_dense_task_end_to_end_with_a_report(task, tmp_path):
     result = runner.invoke(app, ["report", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     md = (out / "report.md").read_text()
-    headline = {"segmentation": "miou", "depth": "absrel (lower is better)", "detection": "ap"}[task]
+    headline = {"segmentation": "miou", "depth": "absrel (lower is better)", "detection": "ap",
+                "keypoints": "nme (lower is better)"}[task]  # fmt: skip
     assert f"{task}, transfer stage, {headline}" in md
     assert "Quality (all records)" in md
-    if task == "depth":
+    if task in ("depth", "keypoints"):
         assert "a negative Δ is the improvement" in md
 
 
 def _outputs(task_name: str, scenes) -> tuple:
-    """Teacher-like outputs of a random net for 3 images, with some pixels / boxes that pass the thresholds."""
+    """Teacher-like outputs of a random net for 3 images, with some pixels / boxes / points that pass the thresholds."""
     torch.manual_seed(0)
-    task = build_task(task_name, scenes.classes)
+    task = build_task(task_name, scenes)
+    if task_name == "keypoints":  # Gaussian maps at random places, peaks between 0.2 and 1
+        points = torch.cat([torch.rand(3, task.num_points, 2) * 60 + 2, torch.ones(3, task.num_points, 1)], dim=2)
+        peaks = torch.rand(3, task.num_points, 1, 1) * 0.8 + 0.2
+        return task, gaussian_heatmaps(points, 64, 64, task.sigma) * peaks
     if task_name == "detection":
         head = DetectionHead([8, 16, 32], [1, 2, 4], task.num_classes)
         feats = [torch.randn(3, c, 64 // s, 64 // s) for c, s in ((8, 1), (16, 2), (32, 4))]
@@ -99,7 +108,7 @@ def _outputs(task_name: str, scenes) -> tuple:
     return task, torch.randn(3, channels, 64, 64) * 3
 
 
-@pytest.mark.parametrize("task_name", ["segmentation", "depth", "detection"])
+@pytest.mark.parametrize("task_name", DENSE)
 def test_dense_pseudo_labels_round_trip_through_parquet(task_name, scenes, tmp_path):
     task, outputs = _outputs(task_name, scenes)
     label_cfg = build_config({}, [f"task={task_name}"]).label
@@ -117,6 +126,9 @@ def test_dense_pseudo_labels_round_trip_through_parquet(task_name, scenes, tmp_p
             assert got[key].dtype == expected.dtype and torch.equal(got[key], expected), key
     if task_name == "segmentation":
         assert (decoded[0]["mask"] == IGNORE_INDEX).any() and (decoded[0]["mask"] != IGNORE_INDEX).any()
+    if task_name == "keypoints":
+        v = torch.stack([t["keypoints"][:, 2] for t in decoded])
+        assert (v == 0).any() and (v >= label_cfg.point_threshold).any()  # some points under, some over 0.5
     if task_name == "detection":
         assert sum(len(t["boxes"]) for t in decoded) > 0
         assert table.column("detection.confidence").to_pylist() == pytest.approx(
@@ -126,11 +138,28 @@ def test_dense_pseudo_labels_round_trip_through_parquet(task_name, scenes, tmp_p
     assert empty.num_rows == 0 and empty.schema.equals(pa.table(task.pseudo_table_columns([columns])).schema)
 
 
-@pytest.mark.parametrize("task_name", ["segmentation", "depth", "detection"])
+@pytest.mark.parametrize(
+    "threshold, kept", [(0.5, [1, 1, 1, 0, 0]), (0.1, [1, 1, 1, 1, 1]), (0.9, [1, 0, 0, 0, 0])]
+)
+def test_keypoint_pseudo_points_under_the_point_threshold_are_missing(threshold, kept, scenes):
+    task = build_task("keypoints", scenes)
+    points = torch.tensor([[[10.5, 12.5, 1], [50.5, 8.5, 1], [30.5, 30.5, 1], [5.5, 60.5, 1], [44.5, 40.5, 1]]])
+    peaks = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2])
+    heatmaps = gaussian_heatmaps(points, 64, 64, task.sigma) * peaks[None, :, None, None]
+    label_cfg = build_config({}, ["task=keypoints", f"label.point_threshold={threshold}"]).label
+    columns = task.encode_records(heatmaps, label_cfg)
+    (row,) = task.decode_rows(pa.table(task.pseudo_table_columns([columns])))
+    got = row["keypoints"]
+    assert got[:, 2].tolist() == pytest.approx((peaks * torch.tensor(kept)).tolist())  # v = confidence, or 0
+    assert torch.allclose(got[:, :2], points[0, :, :2], atol=1e-4)  # the teacher's place is kept either way
+    assert columns["keypoints.confidence"] == pytest.approx([0.6])  # mean peak, whatever the threshold
+
+
+@pytest.mark.parametrize("task_name", DENSE)
 def test_dense_network_saves_and_reloads(task_name, scenes, tmp_path):
     from selftrain.engine import export_model
 
-    task = build_task(task_name, scenes.classes)
+    task = build_task(task_name, scenes)
     spec = NetworkSpec("cnn-tiny", task.num_classes, 1, 64, [0.3], [0.2], list(scenes.classes), task=task_name)
     net = Network(spec).eval()
     export_model(tmp_path / "model.safetensors", net, {"spec": spec.__dict__})
@@ -180,7 +209,7 @@ def test_dense_label_interrupted_and_resumed_gives_the_records_of_an_uninterrupt
         (["task=depth", "label.threshold=0.2"], "depth pseudo labels have no confidence"),
         (["task=segmentation", "label.temperature=2"], "label.temperature / label.hard"),
         (["task=segmentation", "transfer.protocols=[evaluate, linear]"], "linear and finetune"),
-        (["task=keypoints"], "do not train it yet"),
+        (["task=keypoints", "label.hard=true"], "points with confidences"),
     ],
 )
 def test_options_that_mean_nothing_for_a_dense_task_are_refused(overrides, message):

@@ -169,6 +169,21 @@ def test_keypoint_pseudo_labels_zero_low_confidence_points():
     assert Keypoints(2).encode_pseudo(heat, threshold=0.2)[0]["keypoints"][1, 2] == pytest.approx(0.3)
 
 
+def test_pseudo_point_quality_by_hand():
+    # One image, true points on a 3-4-5 triangle (box diagonal 5); the pseudo labels keep points 0 and 1.
+    truth = torch.tensor([[0.5, 0.5, 1.0], [3.5, 0.5, 1.0], [3.5, 4.5, 1.0]])
+    pseudo = torch.tensor([[0.5, 1.5, 0.9], [3.5, 0.5, 0.7], [3.5, 2.5, 0.0]])  # errors 1, 0, 2 (the last dropped)
+    meter = Keypoints(3).quality_meter()
+    meter.update([{"keypoints": pseudo}], [{"keypoints": truth}])
+    result = meter.compute()
+    assert result["nme"] == pytest.approx(100 * (1 + 0) / 2 / 5)  # norm: all true points, not only the kept ones
+    assert result["nme_all"] == pytest.approx(100 * (1 + 0 + 2) / 3 / 5)
+    assert result["coverage"] == pytest.approx(100 * 2 / 3)
+    none_kept = Keypoints(3).quality_meter()
+    none_kept.update([{"keypoints": pseudo * torch.tensor([1.0, 1.0, 0.0])}], [{"keypoints": truth}])
+    assert set(none_kept.compute()) == {"nme_all", "coverage"} and none_kept.compute()["coverage"] == 0
+
+
 def test_depth_pseudo_targets_are_the_teacher_maps():
     out = torch.randn(2, 1, 4, 4)
     pseudo = Depth().encode_pseudo(out)
@@ -218,6 +233,31 @@ def eight_scenes():
         return build_source("scenes:train?n=8&size=64")
     except DataError as exc:
         pytest.skip(f"Fashion-MNIST unavailable: {exc}")
+
+
+def test_keypoint_task_takes_its_size_and_flip_pairs_from_the_source(eight_scenes):
+    from selftrain.augment import BatchAugment
+    from selftrain.tasks import build_task
+
+    task = build_task("keypoints", eight_scenes)
+    assert (task.num_points, task.num_classes, task.flip_pairs) == (5, 5, ((2, 3),))
+    with pytest.raises(ValueError, match="sized by its source's points"):
+        build_task("keypoints", eight_scenes.classes)
+    with pytest.raises(ValueError, match="has 5 keypoints per image, the labeled source 3"):
+        Keypoints(3).check_source(eight_scenes, "data.test")
+    images = eight_scenes.load_batch(list(range(8))).float().repeat(4, 1, 1, 1) / 255  # 32 samples, ~half mirrored
+    targets = task.load_targets(eight_scenes, list(range(8)) * 4)
+    aug = BatchAugment("S1")
+
+    def left_of_right(points):
+        return all(p[2, 0] <= p[3, 0] for p in points if (p[2:4, 2] > 0).all())
+
+    torch.manual_seed(0)
+    _, out = task.augment(aug, images, targets)
+    assert left_of_right([t["keypoints"] for t in out])  # the task swaps the pair in mirrored images
+    torch.manual_seed(0)
+    _, unswapped = aug.forward_dense(images, targets)
+    assert not left_of_right([t["keypoints"] for t in unswapped])  # without the pairs, mirrored ones cross
 
 
 def test_segmentation_overfits_eight_scenes(eight_scenes):

@@ -29,13 +29,13 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the dotted key and what is allowed."""
 
 
-#: Tasks that teach / label / student / transfer run end to end (keypoints has its module in
-#: selftrain.tasks but no source in the stages' data path yet).
-PIPELINE_TASKS = ("classification", "segmentation", "depth", "detection")
+#: Tasks that teach / label / student / transfer run end to end; a task registered in
+#: selftrain.tasks but not listed here is refused with a message saying so.
+PIPELINE_TASKS = ("classification", "segmentation", "depth", "detection", "keypoints")
 #: ``data.image_size`` when it is not set and the labeled images are files, which may differ in size.
 FILE_IMAGE_SIZE = 32
-#: Tasks with one target dict per image (boxes, masks, depth maps) rather than a class per image.
-DENSE_TASKS = ("segmentation", "depth", "detection")
+#: Tasks with one target dict per image (boxes, masks, depth maps, points) rather than a class per image.
+DENSE_TASKS = ("segmentation", "depth", "detection", "keypoints")
 
 
 class _Strict(BaseModel):
@@ -99,7 +99,8 @@ class LabelConfig(_Strict):
     threshold: float = Field(
         0.0, ge=0, le=1, description="keep records with confidence >= this; a record's confidence is the top "
         "softmax (classification), the mean pixel confidence (segmentation), the mean score of its boxes "
-        "(detection; 0 without a box); depth has none, so it must stay 0",
+        "(detection; 0 without a box), the mean heatmap peak of its points (keypoints); depth has none, so "
+        "it must stay 0",
     )  # fmt: skip
     balance: bool = Field(False, description="classification: Noisy Student class balancing: top-K per class, duplicate rare classes")
     per_class: int | None = Field(None, ge=1, description="K for balancing; None: median kept count")
@@ -107,6 +108,10 @@ class LabelConfig(_Strict):
         0.5, ge=0, le=1, description="segmentation: pixels whose teacher confidence is under this are ignored (255)"
     )
     box_threshold: float = Field(0.5, ge=0, le=1, description="detection: teacher boxes scoring under this are dropped")
+    point_threshold: float = Field(
+        0.5, ge=0, le=1, description="keypoints: teacher points whose heatmap peak (1 = a perfect target "
+        "Gaussian) is under this get v = 0 (missing), so the student's loss leaves them out",
+    )  # fmt: skip
     batch_size: int = Field(512, ge=1)
     shard_size: int = Field(4096, ge=1, description="pool images per store shard")
 
@@ -204,7 +209,7 @@ class Config(_Strict):
             problems.append(f"label.balance / label.per_class: class balancing is for classification, not {t}")
         if {"temperature", "hard"} & self.label.model_fields_set:
             problems.append(f"label.temperature / label.hard: classification options; {t} pseudo labels are "
-                            "hard masks, teacher depth maps or scored boxes")  # fmt: skip
+                            "hard masks, teacher depth maps, scored boxes or points with confidences")  # fmt: skip
         if t == "depth" and self.label.threshold > 0:
             problems.append("label.threshold: depth pseudo labels have no confidence to filter on; leave it 0")
         if self.teach.label_smoothing > 0:

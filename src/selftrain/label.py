@@ -153,7 +153,7 @@ def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1) 
         raise ValueError("label: the config has no unlabeled pool (data.unlabeled)")
     folder = run.stage("label", round_)
     teacher_path = teacher_for_round(run, round_)
-    task = build_task(cfg.task, data.classes)
+    task = build_task(cfg.task, data.labeled)
     size = cfg.label.shard_size
     n_shards = (len(data.pool_idx) + size - 1) // size
     fingerprint = {

@@ -4,9 +4,9 @@ The network takes float images in [0, 1] at its own ``image_size`` and normalize
 itself, so a teacher loaded from disk labels a pool correctly whoever built it.
 
 For classification the network is the backbone with its classifier (logits out). For a dense
-task (``spec.task`` segmentation, depth, detection) it is the backbone's feature pyramid
+task (``spec.task`` segmentation, depth, detection, keypoints) it is the backbone's feature pyramid
 (:func:`~selftrain.backbones.build_feature_backbone`) plus the task's head, and its outputs are
-whatever that head gives (per-pixel logits, log depth, FCOS' dense box predictions).
+whatever that head gives (per-pixel logits, log depth, FCOS' dense box predictions, heatmaps).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class NetworkSpec:
     """Everything needed to rebuild a network and feed it images (saved as ``model.json``)."""
 
     backbone: str
-    num_classes: int  # the task's size: classes (segmentation: with the background); 1 for depth
+    num_classes: int  # the task's size: classes (segmentation: with the background); 1 for depth; points
     channels: int
     image_size: int
     mean: list[float]

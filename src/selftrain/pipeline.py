@@ -61,7 +61,7 @@ class PreparedData:
 
 
 def _open(uri: str, cfg: Config, image_size: int | None, channels: int | None) -> Source:
-    return build_source(uri, image_size=image_size, channels=channels, strict=cfg.data.strict)
+    return build_source(uri, image_size=image_size, channels=channels, strict=cfg.data.strict, progress=cfg.engine.progress)
 
 
 def _summary(source: Source) -> dict:
@@ -117,7 +117,7 @@ def prepare_data(cfg: Config, run: RunFolder) -> PreparedData:
             image_size = int(labeled.load_batch([0]).shape[-1])
     channels = d.channels or labeled.channels
     classes = list(labeled.classes or [])
-    task = build_task(cfg.task, classes)
+    task = build_task(cfg.task, labeled)
     task.check_source(labeled, "data.labeled")
     split_idx = _labeled_split(cfg, run, labeled, task.dense)
 

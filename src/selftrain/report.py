@@ -43,7 +43,7 @@ _LOWER_NOTE = (
     "a negative Δ is the improvement."
 )
 #: Metrics stored in percent, shown with two decimals.
-_PERCENT = ("top", "acc", "miou", "ap", "delta1", "pixel_acc", "coverage")
+_PERCENT = ("top", "acc", "miou", "ap", "delta1", "pixel_acc", "coverage", "nme")
 _CSS = """body{font-family:system-ui,sans-serif;max-width:75rem;margin:2rem auto;padding:0 1rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0 1.5rem}caption{text-align:left;font-weight:600;padding:.3rem 0}
 th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}th{background:#f3f3f3}

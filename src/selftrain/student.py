@@ -67,7 +67,7 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         log.info("student: round %d already done in %s", round_, folder)
         return weights
     s = cfg.student
-    task = build_task(cfg.task, data.classes)
+    task = build_task(cfg.task, data.labeled)
     pool_index, pseudo_targets = pseudo_records(run.root / "label" / f"round-{round_}", task)
     spec = network_spec(cfg, data)
     seed = cfg.seed * 100 + round_

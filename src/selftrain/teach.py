@@ -27,7 +27,7 @@ def network_spec(cfg: Config, data) -> NetworkSpec:
     sample = data.labeled_idx[: min(len(data.labeled_idx), 2000)]
     mean, std = image_statistics(data.labeled.load_batch(sample))
     return NetworkSpec(
-        backbone=cfg.model.backbone, num_classes=build_task(cfg.task, data.classes).num_classes, channels=data.channels,
+        backbone=cfg.model.backbone, num_classes=build_task(cfg.task, data.labeled).num_classes, channels=data.channels,
         image_size=data.image_size, mean=mean, std=std, classes=list(data.classes), task=cfg.task,
     )  # fmt: skip
 
@@ -42,7 +42,7 @@ def train_supervised(
     optim, desc: str, seed: int, label_smoothing: float = 0.0,
 ) -> float:  # fmt: skip
     """Trains ``net`` on the labeled split; returns the training seconds."""
-    task = build_task(cfg.task, data.classes)
+    task = build_task(cfg.task, data.labeled)
     aug = BatchAugment(augment)
     batches = BatchIndices(len(data.labeled_idx), batch_size, seed)
     net.to(runtime.device)

@@ -2,7 +2,7 @@
 
 Protocols:
     evaluate  the model as trained, on the held-out test set, with the task's metric
-              (``top1``/``top5``; ``miou``; ``absrel``/``rmse``/``delta1``; ``ap``/``ap50``)
+              (``top1``/``top5``; ``miou``; ``absrel``/``rmse``/``delta1``; ``ap``/``ap50``; ``nme``)
     linear    frozen backbone; a linear classifier on its pooled features (``linear.top1``)
     finetune  the whole backbone plus a new head, trained on a labeled split (``finetune.top1``)
 
@@ -94,7 +94,7 @@ def finetune(net: Network, cfg: Config, data, runtime: Runtime, folder: Path) ->
     tuned.backbone.reset_classifier(len(source.classes))
     split = PreparedData(source, idx, None, idx[:0], data.test, data.test_idx, list(source.classes), data.channels, data.image_size)
     train_supervised(tuned, cfg, split, runtime, folder, steps=t.steps, batch_size=t.batch_size, augment=t.augment, optim=t.optim, desc="finetune", seed=cfg.seed)
-    return evaluate(tuned, build_task(cfg.task, source.classes), data.test, data.test_idx, runtime, cfg.engine.eval_batch_size)
+    return evaluate(tuned, build_task(cfg.task, source), data.test, data.test_idx, runtime, cfg.engine.eval_batch_size)
 
 
 def run_models(run: RunFolder, rounds: int) -> list[tuple[str, int, Path]]:
@@ -115,7 +115,7 @@ def transfer(cfg: Config, run: RunFolder, data, runtime: Runtime) -> list[Result
     if data.test is None:
         raise ValueError("transfer: the config has no held-out test set (data.test)")
     folder = run.stage("transfer")
-    task = build_task(cfg.task, data.classes)
+    task = build_task(cfg.task, data.labeled)
     rows: list[ResultRow] = []
     for method, round_, path in run_models(run, cfg.student.rounds):
         net = load_network(path)

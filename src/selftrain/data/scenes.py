@@ -14,10 +14,18 @@ scene is built, its ground truth is exact:
 * ``depth``: layer depth, background at :data:`BACKGROUND_DEPTH` (10.0), items in
   ``[1, 9]``, each later-drawn (occluding) item nearer than every earlier one; ``> 0``
   everywhere, so AbsRel is defined.
+* ``keypoints``: ``(5, 3)`` landmarks ``x, y, v`` of the scene's *main item* (below), read off
+  its visible mask (:func:`mask_keypoints`): the top-most, bottom-most, left-most and right-most
+  pixel and the mask's centroid (:data:`KEYPOINT_NAMES`), at pixel centres (column ``j`` ->
+  ``x = j + 0.5``, the convention of :mod:`selftrain.data.targets`), ``v = 1`` (visible).
+  A horizontal flip swaps left-most and right-most (:data:`KEYPOINT_FLIP_PAIRS`).
 
-Image-level ``labels`` of the source are the class of the item with the largest visible area
-(ties go to the nearer item), so stratified label-fraction splits and the classification
-pipeline work on scenes unchanged; a scene left without items (not seen in practice) gets -1.
+Image-level ``labels`` of the source are the class of the *main item*, the item with the largest
+visible area (ties go to the nearer item), so stratified label-fraction splits and the
+classification pipeline work on scenes unchanged; a scene left without items (not seen in
+practice) gets -1 and keypoints with ``v = 0``. The keypoint task learns one set of points per
+image, and they belong to this same item; with several items the net must also tell which one is
+largest, so a keypoint run that wants only the landmark problem uses ``items=1`` scenes.
 
 Each scene is a pure function of ``(seed, split, index)`` and the parameters: scene ``i`` is
 identical whatever ``n`` is and whichever other scenes were made. Train and test scenes draw
@@ -67,6 +75,10 @@ _DIGIT_SPLIT_SEED = 20_240_601
 _DIGIT_TEST_SHARE = 0.2
 _PROGRESS_MIN_SCENES = 1000
 _MAX_ITEMS = 10
+#: The landmarks of a scene's main item, in this order (see :func:`mask_keypoints`).
+KEYPOINT_NAMES = ("top", "bottom", "left", "right", "centroid")
+#: ``(left, right)`` point pairs a horizontal flip swaps (``BatchAugment.forward_dense(flip_pairs=...)``).
+KEYPOINT_FLIP_PAIRS = ((2, 3),)
 
 _PARAMS = {
     "n": "a positive integer (number of scenes), default 2000",
@@ -275,6 +287,36 @@ def _layers(size: int, placed: Sequence[_Placed]) -> np.ndarray:
     return layer
 
 
+def mask_keypoints(region: np.ndarray) -> np.ndarray:
+    """The landmarks of one item: ``(5, 3)`` float32 ``x, y, v`` (:data:`KEYPOINT_NAMES`) of a bool mask.
+
+    Extreme pixels of the mask: top-most, bottom-most, left-most, right-most; where several pixels
+    share the extreme row (column), the middle one of them in scan order, ``sorted[(n - 1) // 2]``,
+    so the point lies on the mask and near the middle of the edge (a flip may move the choice by
+    one pixel when ``n`` is even). Then the centroid, the mean of the mask's pixel centres (it may
+    lie off the mask for a hollow or split item). Coordinates are pixel centres, ``j + 0.5``;
+    ``v = 1``. An empty mask gives all zeros (``v = 0``: missing).
+    """
+    rows, cols = np.nonzero(region)  # row-major order: each row's columns ascend
+    points = np.zeros((len(KEYPOINT_NAMES), 3), dtype=np.float32)
+    if len(rows) == 0:
+        return points
+
+    def middle(on_line: np.ndarray, along: np.ndarray) -> float:
+        chosen = np.sort(along[on_line])
+        return float(chosen[(len(chosen) - 1) // 2])
+
+    top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+    points[0, :2] = middle(rows == top, cols), top
+    points[1, :2] = middle(rows == bottom, cols), bottom
+    points[2, :2] = left, middle(cols == left, rows)
+    points[3, :2] = right, middle(cols == right, rows)
+    points[4, :2] = cols.mean(), rows.mean()
+    points[:, :2] += 0.5
+    points[:, 2] = 1.0
+    return points
+
+
 @dataclass
 class Scene:
     """One rendered scene; items are listed in draw order (far to near)."""
@@ -330,20 +372,26 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 class SceneSource(DenseSource):
-    """A generated scene set with boxes, class masks and layer depth (see the module docstring).
+    """A generated scene set with boxes, class masks, layer depth and the main item's landmarks
+    (see the module docstring).
 
     All scenes are rendered at construction (a few seconds for 5,000 at 64 px) and held compactly:
-    the image and a uint8 instance map per scene, plus per-item boxes, classes and depths;
-    ``mask`` and ``depth`` are looked up from the instance map on demand.
+    the image and a uint8 instance map per scene, plus per-item boxes, classes and depths and the
+    main item's keypoints; ``mask`` and ``depth`` are looked up from the instance map on demand.
 
     Attributes:
         config: The parameters that determine the scenes.
         classes: Object class names; box label ``c`` and mask value ``c + 1`` mean ``classes[c]``.
         mask_classes: ``["background", *classes]``, indexed by mask value (segmentation has K + 1 classes).
         labels: Class of the largest visible item of each scene (-1 for a scene without items).
+        num_points, keypoint_names, keypoint_flip_pairs: The keypoints' layout (:data:`KEYPOINT_NAMES`,
+            :data:`KEYPOINT_FLIP_PAIRS`), what a keypoint task is sized by.
     """
 
-    target_keys = ("boxes", "labels", "mask", "depth")
+    target_keys = ("boxes", "labels", "mask", "depth", "keypoints")
+    num_points = len(KEYPOINT_NAMES)
+    keypoint_names = KEYPOINT_NAMES
+    keypoint_flip_pairs = KEYPOINT_FLIP_PAIRS
 
     def __init__(
         self, config: SceneConfig, *, uri: str | None = None, channels: int = 1, progress: bool = True
@@ -359,6 +407,7 @@ class SceneSource(DenseSource):
         self._images = np.empty((n, size, size), dtype=np.uint8)
         self._instances = np.empty((n, size, size), dtype=np.uint8)
         boxes, labels, depths, pool_indices, largest = [], [], [], [], np.full(n, -1, dtype=np.int64)
+        self._keypoints = np.zeros((n, self.num_points, 3), dtype=np.float32)
         show = progress and n > _PROGRESS_MIN_SCENES
         for i in tqdm(range(n), desc=f"render {uri}", disable=not show, unit="scene"):
             scene = render_scene(scene_rng(config.seed, config.split, i), pool, by_class, config)
@@ -368,8 +417,10 @@ class SceneSource(DenseSource):
             depths.append(scene.depths)
             pool_indices.append(scene.pool_indices)
             if len(scene.areas):
-                # Ties go to the nearest (last-drawn) of the largest items.
-                largest[i] = scene.labels[len(scene.areas) - 1 - np.argmax(scene.areas[::-1])]
+                # The main item: the largest; ties go to the nearest (last-drawn) of them.
+                main = len(scene.areas) - 1 - int(np.argmax(scene.areas[::-1]))
+                largest[i] = scene.labels[main]
+                self._keypoints[i] = mask_keypoints(scene.instances == main + 1)
         self._offsets = np.concatenate([[0], np.cumsum([len(lab) for lab in labels])]).astype(np.int64)
         self._boxes = np.concatenate(boxes).reshape(-1, 4)
         self._labels = np.concatenate(labels)
@@ -391,7 +442,8 @@ class SceneSource(DenseSource):
         return batch.expand(-1, 3, -1, -1).contiguous() if self.channels == 3 else batch
 
     def load_targets(self, i: int) -> dict[str, torch.Tensor]:
-        """``boxes`` float32 (m, 4) XYXY, ``labels`` int64 (m,), ``mask`` int64 (S, S), ``depth`` float32 (S, S)."""
+        """``boxes`` float32 (m, 4) XYXY, ``labels`` int64 (m,), ``mask`` int64 (S, S), ``depth`` float32 (S, S),
+        ``keypoints`` float32 (5, 3) of the main item."""
         i = self._check_index(i)
         start, stop = self._offsets[i], self._offsets[i + 1]
         instances = self._instances[i].astype(np.int64)
@@ -402,6 +454,7 @@ class SceneSource(DenseSource):
             "labels": torch.from_numpy(self._labels[start:stop].copy()),
             "mask": torch.from_numpy(mask_of[instances]),
             "depth": torch.from_numpy(depth_of[instances]),
+            "keypoints": torch.from_numpy(self._keypoints[i].copy()),
         }
 
     def load_instances(self, i: int) -> torch.Tensor:
@@ -416,13 +469,16 @@ class SceneSource(DenseSource):
     def describe(self) -> dict:
         # Lists, not tuples: manifests are written with yaml.safe_dump / json.
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}
-        return {**super().describe(), "scenes": config, "objects": len(self._labels)}
+        return {**super().describe(), "scenes": config, "objects": len(self._labels),
+                "keypoints": list(self.keypoint_names)}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- URI
 
 
-def build_scenes(uri: str, rest: str, *, image_size: int | None, channels: int | None) -> SceneSource:
+def build_scenes(
+    uri: str, rest: str, *, image_size: int | None, channels: int | None, progress: bool = True
+) -> SceneSource:
     """Build ``scenes:SPLIT[?key=value&...]``; ``rest`` is the URI after ``scenes:``.
 
     Keys: ``n``, ``size``, ``seed``, ``items`` (``LO-HI`` or ``K``), ``scale`` (``LO-HI`` or ``S``),
@@ -454,7 +510,7 @@ def build_scenes(uri: str, rest: str, *, image_size: int | None, channels: int |
             f"{uri}: image_size={image_size} would move the targets' pixel coordinates; "
             f"generate the scenes at that size instead (scenes:{split}?size={image_size})"
         )
-    return SceneSource(config, uri=uri, channels=channels or 1)
+    return SceneSource(config, uri=uri, channels=channels or 1, progress=progress)
 
 
 def _parse_value(uri: str, key: str, value: str) -> Any:

@@ -229,6 +229,7 @@ def build_source(
     image_size: int | None = None,
     channels: int | None = None,
     strict: bool = False,
+    progress: bool = True,
 ) -> Source:
     """Open the source named by ``uri``.
 
@@ -248,6 +249,8 @@ def build_source(
         strict: For image folders, a subdirectory that cannot be listed is an
             error instead of a warning. Unlabeled layouts are never an error
             (use ``scan(strict=True)`` for unreadable images).
+        progress: Show a progress bar while a large source is built (scenes rendered, VOC masks
+            and depth maps checked).
 
     Raises:
         DataError: Unknown scheme, bad argument, or missing/malformed files.
@@ -279,7 +282,9 @@ def build_source(
         from selftrain.data.scenes import build_scenes
 
         # "scenes?n=..." has no split: passing "" gets the "use scenes:train or scenes:test" error.
-        return build_scenes(uri, rest if scheme == "scenes" else "", image_size=image_size, channels=channels)
+        return build_scenes(
+            uri, rest if scheme == "scenes" else "", image_size=image_size, channels=channels, progress=progress
+        )
     if scheme in ("coco", "voc", "depth", "keypoints"):
         from selftrain.data.annotations import (
             build_coco,
@@ -289,6 +294,8 @@ def build_source(
         )
 
         builder = {"coco": build_coco, "voc": build_voc, "depth": build_depth, "keypoints": build_keypoints}[scheme]
-        return builder(uri, rest, image_size=image_size, channels=channels, strict=strict)
+        # Only the readers that decode every map at build time show a progress bar.
+        extra = {"progress": progress} if scheme in ("voc", "depth") else {}
+        return builder(uri, rest, image_size=image_size, channels=channels, strict=strict, **extra)
     known = ", ".join(KNOWN_SCHEMES)
     raise DataError(f"{uri}: unknown source scheme {scheme!r}; known schemes: {known}")

@@ -7,10 +7,17 @@ from selftrain.registry import Registry
 TASKS: Registry = Registry("task")
 
 
-def build_task(name: str, classes: Sequence[str]):
-    """The task ``name`` for a labeled source with these classes (its size follows from them:
-    classification and detection ``K``, segmentation ``K + 1`` with the background, depth 1)."""
-    return TASKS.get(name).for_classes(list(classes))
+def build_task(name: str, labeled):
+    """The task ``name`` sized for the run's labeled source ``labeled``.
+
+    The size follows from the source: classification and detection ``K`` classes, segmentation
+    ``K + 1`` with the background, depth 1, keypoints the source's points (and its flip pairs).
+    A sequence of class names will do for the tasks that are sized by their classes alone.
+    """
+    task = TASKS.get(name)
+    if isinstance(labeled, Sequence) and not isinstance(labeled, str):
+        return task.for_classes(list(labeled))
+    return task.for_source(labeled)
 
 
 from selftrain.tasks import classification, depth, detection, keypoints, segmentation  # noqa: E402, F401  (register themselves)

@@ -35,6 +35,11 @@ class Classification:
     def for_classes(cls, classes) -> Classification:
         return cls(len(classes))
 
+    @classmethod
+    def for_source(cls, source) -> Classification:
+        """The task for a labeled source: one output per class."""
+        return cls.for_classes(source.classes)
+
     # ------------------------------------------------------------------ batches (what the stages call)
 
     def check_source(self, source, where: str) -> None:

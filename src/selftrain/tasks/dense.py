@@ -1,4 +1,4 @@
-"""What the stages need from a dense task, shared by segmentation, depth and detection.
+"""What the stages need from a dense task, shared by segmentation, depth, detection and keypoints.
 
 The stages are task-agnostic: they ask the task for a batch's targets, to augment a batch with
 its targets, for the per-sample loss, and to turn teacher outputs into store columns and back.
@@ -17,6 +17,7 @@ Store columns (one row per pool image, next to ``key`` and ``index``)::
     detection.boxes          list<float32>  4 values per box, XYXY pixels
     detection.labels         list<int32>
     detection.scores         list<float32>
+    keypoints.points         list<float32>  3 values per point, x, y, v (pixels; v = confidence, 0 = missing)
     TASK.confidence          float32  what ``label.threshold`` filters on (see each task)
 """
 
@@ -57,6 +58,11 @@ class DenseTask:
         """The task for a labeled source with these object classes."""
         return cls(len(classes))
 
+    @classmethod
+    def for_source(cls, source) -> DenseTask:
+        """The task for a labeled source; sized by its classes unless the task says otherwise."""
+        return cls.for_classes(source.classes)
+
     # ------------------------------------------------------------------ batches
 
     def check_source(self, source, where: str) -> None:
@@ -93,7 +99,7 @@ class DenseTask:
 
     @staticmethod
     def augment(aug, images: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, Targets]:
-        """Augments the images and moves their targets with them (boxes, masks, depth)."""
+        """Augments the images and moves their targets with them (boxes, masks, depth, keypoints)."""
         return aug.forward_dense(images, targets)
 
     # ------------------------------------------------------------------ pseudo-label store

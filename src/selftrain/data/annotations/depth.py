@@ -56,7 +56,9 @@ class DepthSource(AnnotatedSource):
         return {**super().describe(), "scale": self.scale}
 
 
-def build_depth(uri: str, rest: str, *, image_size: int | None, channels: int | None, strict: bool) -> DepthSource:
+def build_depth(
+    uri: str, rest: str, *, image_size: int | None, channels: int | None, strict: bool, progress: bool = True
+) -> DepthSource:
     """Builds the source for ``depth:ROOT[?scale=S]``; decodes every depth map once to check it.
 
     Raises:
@@ -79,7 +81,7 @@ def build_depth(uri: str, rest: str, *, image_size: int | None, channels: int | 
     stems = Counter(_stem(p) for p in rel_paths)
     skips = _SkipLog(uri, strict)
     items, maps = [], []
-    for rel in tqdm(rel_paths, desc="check depth", unit="map", disable=len(rel_paths) <= _PROGRESS_MIN_ITEMS):
+    for rel in tqdm(rel_paths, desc="check depth", unit="map", disable=not progress or len(rel_paths) <= _PROGRESS_MIN_ITEMS):
         if stems[_stem(rel)] > 1:
             why = f"several images are named {_stem(rel)}.*, so which one its depth map belongs to is unclear"
             skips.add(rel, image_dir / rel, why)

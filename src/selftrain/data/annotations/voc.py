@@ -64,7 +64,9 @@ class VocSource(AnnotatedSource):
         return {"mask": mask.astype(np.int64)}
 
 
-def build_voc(uri: str, rest: str, *, image_size: int | None, channels: int | None, strict: bool) -> VocSource:
+def build_voc(
+    uri: str, rest: str, *, image_size: int | None, channels: int | None, strict: bool, progress: bool = True
+) -> VocSource:
     """Builds the source for ``voc:ROOT[?split=NAME][&classes=N]``; decodes every mask once to check it.
 
     Raises:
@@ -81,7 +83,7 @@ def build_voc(uri: str, rest: str, *, image_size: int | None, channels: int | No
     names, listing = _voc_names(uri, root, mask_dir, params.get("split"))
     skips = _SkipLog(uri, strict)
     items, masks, labels, seen = [], [], [], set()
-    for name in tqdm(names, desc="check masks", unit="mask", disable=len(names) <= _PROGRESS_MIN_ITEMS):
+    for name in tqdm(names, desc="check masks", unit="mask", disable=not progress or len(names) <= _PROGRESS_MIN_ITEMS):
         if name in seen:
             skips.add(name, listing, "listed twice")
             continue
