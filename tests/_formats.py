@@ -170,3 +170,34 @@ def write_images(root: Path, parts: list[tuple[str, object]]) -> Path:
             folder = root / "batch-2" if i % 2 else root
             save_image(folder / f"{prefix}{i:03d}.png", _gray(scenes, i))
     return root
+
+
+# -------------------------------------------------------------------------------------- faces
+
+
+def pts_text(points: np.ndarray) -> str:
+    """An iBUG / 300W ``.pts`` file: version, n_points, then the points between braces."""
+    body = "\n".join(f"{x:.3f} {y:.3f}" for x, y in points)
+    return f"version: 1\nn_points:  {len(points)}\n{{\n{body}\n}}\n"
+
+
+def wflw_line(points: np.ndarray, box: tuple[int, int, int, int], flags: tuple[int, ...], image: str) -> str:
+    """One WFLW annotation line: 98 ``x y`` pairs, the box, 6 attribute flags and the image path."""
+    coords = " ".join(f"{v:.6f}" for v in np.asarray(points).ravel())
+    return f"{coords} {' '.join(map(str, box))} {' '.join(map(str, flags))} {image}"
+
+
+def write_aflw_mat(path: Path, pt3d: np.ndarray) -> Path:
+    """An AFLW2000-3D ``.mat`` file: ``pt3d_68`` (3 x 68) with the pose and 2D points the real files carry."""
+    from scipy.io import savemat
+
+    savemat(str(path), {"pt3d_68": pt3d, "pt2d": pt3d[:2, :21], "Pose_Para": np.zeros((1, 7)),
+                        "roi": np.array([[0.0, 0.0, 100.0, 100.0]])})  # fmt: skip
+    return path
+
+
+def affectnet_row(name: str, expression: int, valence: float, arousal: float, points: np.ndarray,
+                  box: tuple[int, int, int, int] = (2, 3, 40, 44)) -> list[str]:  # fmt: skip
+    """One row of AffectNet's ``training.csv`` (landmarks as ``x1;y1;x2;y2;...``)."""
+    landmarks = ";".join(f"{v:.2f}" for v in np.asarray(points).ravel())
+    return [name, *map(str, box), landmarks, str(expression), str(valence), str(arousal)]

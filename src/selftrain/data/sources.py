@@ -22,6 +22,9 @@ from tqdm.auto import tqdm
 logger = logging.getLogger("selftrain.data")
 
 KNOWN_SCHEMES = ("fashion-mnist", "idx", "imagefolder", "scenes", "coco", "voc", "depth", "keypoints")
+# Face formats (selftrain.data.annotations.face_landmarks and .faces).
+FACE_SCHEMES = ("pts", "wflw", "aflw3d", "au", "affectnet")
+KNOWN_SCHEMES += FACE_SCHEMES
 
 # Progress bars for a few hundred images are noise in logs.
 _PROGRESS_MIN_ITEMS = 1000
@@ -239,7 +242,9 @@ def build_source(
     ``?n=2000&size=64&seed=0&items=1-5&scale=0.6-1.6&classes=...``, see
     :func:`selftrain.data.scenes.build_scenes`). Dense annotations in their real formats:
     ``coco:ANNOTATIONS.json``, ``voc:ROOT``, ``depth:ROOT``, ``keypoints:FILE.csv|.json`` (see
-    :mod:`selftrain.data.annotations`).
+    :mod:`selftrain.data.annotations`). Face formats: ``pts:DIR``, ``wflw:FILE.txt``,
+    ``aflw3d:DIR``, ``au:FILE.csv``, ``affectnet:FILE.csv`` (see
+    :mod:`selftrain.data.annotations.face_landmarks` and :mod:`selftrain.data.annotations.faces`).
 
     Args:
         uri: Source URI.
@@ -297,5 +302,9 @@ def build_source(
         # Only the readers that decode every map at build time show a progress bar.
         extra = {"progress": progress} if scheme in ("voc", "depth") else {}
         return builder(uri, rest, image_size=image_size, channels=channels, strict=strict, **extra)
+    if scheme in FACE_SCHEMES:
+        from selftrain.data.annotations import FACE_BUILDERS
+
+        return FACE_BUILDERS[scheme](uri, rest, image_size=image_size, channels=channels, strict=strict)
     known = ", ".join(KNOWN_SCHEMES)
     raise DataError(f"{uri}: unknown source scheme {scheme!r}; known schemes: {known}")

@@ -17,6 +17,9 @@ URIs (relative paths are relative to the working directory):
 names its values, which a segmentation run checks. ``labels`` are one image-level class per image
 (the largest object) for stratified splits; depth maps have none (``-1``).
 
+Face formats (``pts:``, ``wflw:``, ``aflw3d:``, ``au:``, ``affectnet:`` and LFW pairs files) are
+in :mod:`.face_landmarks` and :mod:`.faces`.
+
 Each format has its own module (:mod:`.coco`, :mod:`.voc`, :mod:`.depth`, :mod:`.keypoints`); the
 checks, skip records and ``image_size`` geometry they share are in :mod:`.base`.
 """
@@ -29,10 +32,25 @@ from selftrain.data.annotations.base import (
 )
 from selftrain.data.annotations.coco import CocoSource, build_coco, rle_string_counts
 from selftrain.data.annotations.depth import DepthSource, build_depth
+from selftrain.data.annotations.face_landmarks import FaceLandmarkSource, build_aflw3d, build_pts, build_wflw
+from selftrain.data.annotations.faces import FaceTableSource, PairSet, build_affectnet, build_au, read_pairs
 from selftrain.data.annotations.keypoints import KeypointSource, build_keypoints
 from selftrain.data.annotations.voc import VOC_CLASSES, VocSource, build_voc
 
+#: Builders of the face schemes, by scheme (``build_source`` dispatches to them).
+FACE_BUILDERS = {"pts": build_pts, "wflw": build_wflw, "aflw3d": build_aflw3d, "au": build_au, "affectnet": build_affectnet}
+
 __all__ = [
+    "FACE_BUILDERS",
+    "FaceLandmarkSource",
+    "FaceTableSource",
+    "PairSet",
+    "build_affectnet",
+    "build_aflw3d",
+    "build_au",
+    "build_pts",
+    "build_wflw",
+    "read_pairs",
     "VOC_CLASSES",
     "AnnotatedSource",
     "CocoSource",

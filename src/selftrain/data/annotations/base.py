@@ -42,6 +42,7 @@ logger = logging.getLogger("selftrain.data")
 _DTYPES = {
     "boxes": np.float32, "labels": np.int64, "scores": np.float32,
     "mask": np.int64, "depth": np.float32, "keypoints": np.float32,
+    "points3d": np.float32, "au": np.float32, "valence_arousal": np.float32,
 }  # fmt: skip
 # One warning per drop floods the log for a big, slightly dirty dataset; the rest are only counted.
 _LOGGED_SKIPS = 20
@@ -205,7 +206,8 @@ def resize_exact(image: torch.Tensor, size: int) -> torch.Tensor:
 def resize_targets(targets: dict[str, np.ndarray], size: tuple[int, int], image_size: int) -> dict[str, np.ndarray]:
     """Moves targets from a ``W x H`` image to the ``S x S`` image of :func:`resize_exact`.
 
-    Coordinates are scaled by ``S / W`` and ``S / H``; masks and depth maps take the value of the
+    Coordinates are scaled by ``S / W`` and ``S / H`` (the z of ``points3d`` by ``sqrt`` of their
+    product); masks and depth maps take the value of the
     source pixel whose centre is nearest each output pixel's centre. Missing keypoints (v = 0)
     keep x = y = 0.
     """
@@ -219,6 +221,9 @@ def resize_targets(targets: dict[str, np.ndarray], size: tuple[int, int], image_
             value = value.astype(np.float64, copy=True)
             value[..., 0] *= sx
             value[..., 1] *= sy
+        elif name == "points3d":
+            # Depth has no axis of its own in the image; the geometric mean keeps sqrt(w * h) norms consistent.
+            value = value * np.array([sx, sy, np.sqrt(sx * sy)])
         elif name in ("mask", "depth"):
             rows = np.minimum(((np.arange(image_size) + 0.5) * (height / image_size)).astype(np.int64), height - 1)
             cols = np.minimum(((np.arange(image_size) + 0.5) * (width / image_size)).astype(np.int64), width - 1)
