@@ -201,3 +201,32 @@ def affectnet_row(name: str, expression: int, valence: float, arousal: float, po
     """One row of AffectNet's ``training.csv`` (landmarks as ``x1;y1;x2;y2;...``)."""
     landmarks = ";".join(f"{v:.2f}" for v in np.asarray(points).ravel())
     return [name, *map(str, box), landmarks, str(expression), str(valence), str(arousal)]
+
+
+def sample_photos() -> list[np.ndarray]:
+    """The real photos shipped inside installed packages: scikit-learn's two, matplotlib's Grace Hopper."""
+    found = []
+    for package, parts in (("sklearn", ("datasets", "images", "china.jpg")), ("sklearn", ("datasets", "images", "flower.jpg")),
+                           ("matplotlib", ("mpl-data", "sample_data", "grace_hopper.jpg"))):  # fmt: skip
+        spec = importlib.util.find_spec(package)
+        path = Path(next(iter(spec.submodule_search_locations)), *parts) if spec and spec.submodule_search_locations else None
+        if path is not None and path.is_file():
+            with Image.open(path) as image:
+                found.append(np.asarray(image.convert("RGB")))
+    return found
+
+
+def photo_tiles(side: int = 96, min_std: float = 20.0) -> list[np.ndarray]:
+    """Non-overlapping ``side`` px tiles of :func:`sample_photos` with texture (luma std > ``min_std``).
+
+    Flat tiles (sky, a plain backdrop) are left out: two of them are near-duplicates of each other
+    for any method, so a pool of "distinct" images must not hold them.
+    """
+    tiles = []
+    for array in sample_photos():
+        for y in range(0, array.shape[0] - side + 1, side):
+            for x in range(0, array.shape[1] - side + 1, side):
+                tile = array[y : y + side, x : x + side]
+                if tile.mean(axis=2).std() > min_std:
+                    tiles.append(tile)
+    return tiles

@@ -1,4 +1,4 @@
-"""The ``selftrain`` command line: one verb per stage, plus ``run``, ``demo`` and ``report``."""
+"""The ``selftrain`` command line: one verb per stage, plus ``run``, ``demo``, ``report`` and ``curate``."""
 
 from __future__ import annotations
 
@@ -112,6 +112,28 @@ def demo(
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     fraction_list = [float(f) for f in fractions.split(",") if f.strip()]
     run_demo(out, seeds=seed_list, fractions=fraction_list, config=config, overrides=list(set or []))
+
+
+@app.command()
+def curate(
+    pool: Annotated[str, typer.Argument(help="the pool's source URI, e.g. imagefolder:/data/pool")],
+    out: OutOpt = Path("runs/curate"),
+    method: Annotated[str, typer.Option(help="phash (perceptual hash) or embedding (backbone features)")] = "phash",
+    threshold: Annotated[Optional[float], typer.Option(help="phash: max Hamming distance (default 10 of 64); embedding: min cosine (default 0.9)")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="embedding: a selftrain model.safetensors (better than the random-init default)")] = None,
+    backbone: Annotated[str, typer.Option(help="embedding without --weights: the random-init backbone")] = "cnn-small",
+    strict: StrictOpt = False,
+) -> None:
+    """Find near-duplicates in a pool, report its redundancy and write a de-duplicated pool to --out."""
+    from selftrain.curate import find_duplicates, write_curated
+    from selftrain.data import build_source
+
+    source = build_source(pool, strict=strict)
+    result = find_duplicates(source, method=method, threshold=threshold, weights=weights, backbone=backbone, strict=strict)
+    report = write_curated(result, source, out)
+    typer.echo(f"{report['images']} images ({report['unreadable']} unreadable), {report['unique']} unique, "
+               f"{report['groups']} near-duplicate groups, redundancy {100 * report['redundancy']:.1f}%")  # fmt: skip
+    console.print(f"de-duplicated pool: {report['kept_pool']} ({out / 'curate.json'})")
 
 
 @app.command("config")
