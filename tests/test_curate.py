@@ -147,3 +147,27 @@ def test_curate_writes_in_memory_pools_as_png(tmp_path: Path) -> None:
     curated = build_source(report["kept_pool"], channels=1)
     assert len(curated) == 5
     assert torch.equal(curated.load(1), source.load(1))  # PNG is lossless
+
+
+def test_curate_embedding_with_a_trained_network_file(tmp_path: Path) -> None:
+    """``--weights`` loads a selftrain model file and feeds it the pool at its own size and channels."""
+    from dataclasses import asdict
+
+    from selftrain.engine import export_model
+    from selftrain.network import Network, NetworkSpec
+
+    spec = NetworkSpec(backbone="cnn-tiny", num_classes=4, channels=1, image_size=28, mean=[0.5], std=[0.25])
+    torch.manual_seed(0)
+    export_model(tmp_path / "model.safetensors", Network(spec), {"spec": asdict(spec)})
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    tiles = photo_tiles()[:6]
+    for k, tile in enumerate(tiles):
+        Image.fromarray(tile).save(pool / f"tile{k}.png")
+    Image.fromarray(tiles[2]).save(pool / "tile2-again.png")  # an exact copy: similarity 1 whatever the network
+    result = find_duplicates(build_source(f"imagefolder:{pool}"), method="embedding",
+                             weights=tmp_path / "model.safetensors", threshold=0.999, progress=False)  # fmt: skip
+    groups = [sorted(result.keys[p] for p in g) for g in result.groups()]
+    assert ["tile2-again.png", "tile2.png"] in groups
+    with pytest.raises(ValueError, match="weights are for method=embedding"):
+        find_duplicates(build_source(f"imagefolder:{pool}"), weights=tmp_path / "model.safetensors")

@@ -195,6 +195,7 @@ def test_au_csv_intensities_and_bad_rows(tmp_path: Path) -> None:
         csv.writer(f).writerows(rows)
     source = build_source(f"au:{path}")
     assert isinstance(source, FaceTableSource) and len(source) == 2 and source.au_names == ["AU1", "AU2", "AU4"]
+    assert source.describe()["au_names"] == ["AU1", "AU2", "AU4"]
     assert source.load_targets(1)["au"].tolist() == [1.5, 0.0, 3.0]
     reasons = [r["reason"] for r in source.annotation_skips]
     assert reasons == ["line 4: AU1 = 6 outside [0, 5]", "line 5: AU1 is not a number: ''",
@@ -228,7 +229,8 @@ def test_affectnet_csv_expressions_valence_arousal(tmp_path: Path) -> None:
     targets = source.load_targets(1)
     assert targets["boxes"].tolist() == [[2, 3, 42, 47]] and targets["labels"].tolist() == [6]
     assert targets["valence_arousal"].tolist() == pytest.approx([-0.8, 0.9])
-    assert targets["keypoints"].shape == (1, 68, 3) and np.allclose(targets["keypoints"][0, :, :2], lm, atol=0.01)
+    assert targets["keypoints"].shape == (68, 3) and np.allclose(targets["keypoints"][:, :2], lm, atol=0.01)
+    assert source.num_points == 68 and source.keypoint_flip_pairs == FLIP_PAIRS_68
     reasons = [r["reason"] for r in source.annotation_skips]
     assert reasons == ["line 4: expression 8 (none): no expression label",
                        "line 5: expression 10 (no face): no expression label",

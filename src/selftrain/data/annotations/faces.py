@@ -14,7 +14,8 @@
   Expressions 0-7 (:data:`~selftrain.metrics_faces.EXPRESSIONS`) are the image labels (classes,
   stratified splits); rows coded 8 (none), 9 (uncertain) and 10 (no face) have no expression and
   are dropped with that reason. Targets: ``boxes`` (the face, ``(1, 4)`` XYXY), ``labels`` (its
-  expression), ``keypoints`` (``(1, 68, 3)`` from the ``x1;y1;x2;y2;...`` landmarks) and
+  expression), ``keypoints`` (``(68, 3)`` from the ``x1;y1;x2;y2;...`` landmarks, iBUG's 68-point
+  scheme, so ``num_points`` and ``keypoint_flip_pairs`` are set for the ``keypoints`` task) and
   ``valence_arousal`` (``(2,)``, each in ``[-1, 1]``).
 
 ``DIR`` defaults to the file's folder. Malformed lines are dropped and counted with their line
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from selftrain.data.annotations.base import AnnotatedSource, _directory, _Item, _read_text, _SkipLog, _split_uri
+from selftrain.data.annotations.face_landmarks import FLIP_PAIRS_68
 from selftrain.data.sources import DataError
 from selftrain.metrics_faces import EXPRESSIONS
 
@@ -181,7 +183,7 @@ class FaceTableSource(AnnotatedSource):
     """Images with per-image target arrays read from a CSV table (AU intensities, AffectNet)."""
 
     def __init__(self, uri: str, items: list[_Item], targets: list[dict[str, np.ndarray]], **kwargs: Any) -> None:
-        extra = {name: kwargs.pop(name) for name in ("au_names", "num_points") if name in kwargs}
+        extra = {name: kwargs.pop(name) for name in ("au_names", "num_points", "keypoint_flip_pairs") if name in kwargs}
         super().__init__(uri, items, **kwargs)
         self._targets = targets
         for name, value in extra.items():
@@ -189,6 +191,10 @@ class FaceTableSource(AnnotatedSource):
 
     def _raw_targets(self, i: int) -> dict[str, np.ndarray]:
         return {name: value.copy() for name, value in self._targets[i].items()}
+
+    def describe(self) -> dict[str, Any]:
+        extra = {"au_names": self.au_names} if hasattr(self, "au_names") else {}
+        return {**super().describe(), **extra}
 
 
 def _keep(uri: str, parsed: list[tuple[str, str, dict[str, np.ndarray]]], images: Path, path: Path,
@@ -257,7 +263,7 @@ def _affectnet_row(row: dict[str, str]) -> dict[str, np.ndarray]:
     points = np.concatenate([np.asarray(landmarks).reshape(68, 2), np.ones((68, 1))], axis=1)
     valence_arousal = [_number(row[c], c, -1.0, 1.0) for c in ("valence", "arousal")]
     return {"boxes": np.array([[x, y, x + w, y + h]], dtype=np.float32), "labels": np.array([int(code)]),
-            "keypoints": points[None].astype(np.float32),
+            "keypoints": points.astype(np.float32),
             "valence_arousal": np.asarray(valence_arousal, dtype=np.float32)}  # fmt: skip
 
 
@@ -280,4 +286,5 @@ def build_affectnet(uri: str, rest: str, *, image_size: int | None, channels: in
     labels = np.array([int(t["labels"][0]) for t in targets], dtype=np.int64)
     return FaceTableSource(uri, items, targets, classes=list(EXPRESSIONS), labels=labels,
                            target_keys=("boxes", "labels", "keypoints", "valence_arousal"), channels=channels,
-                           image_size=image_size, skips=skips.finish(len(items)), num_points=68)  # fmt: skip
+                           image_size=image_size, skips=skips.finish(len(items)), num_points=68,
+                           keypoint_flip_pairs=FLIP_PAIRS_68)  # fmt: skip
