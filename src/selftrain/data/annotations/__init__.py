@@ -38,7 +38,9 @@ from selftrain.data.annotations.keypoints import KeypointSource, build_keypoints
 from selftrain.data.annotations.voc import VOC_CLASSES, VocSource, build_voc
 
 #: Builders of the face schemes, by scheme (``build_source`` dispatches to them).
-FACE_BUILDERS = {"pts": build_pts, "wflw": build_wflw, "aflw3d": build_aflw3d, "au": build_au, "affectnet": build_affectnet}
+FACE_BUILDERS = {
+    "pts": build_pts, "wflw": build_wflw, "aflw3d": build_aflw3d, "au": build_au, "affectnet": build_affectnet,
+}  # fmt: skip
 
 __all__ = [
     "FACE_BUILDERS",

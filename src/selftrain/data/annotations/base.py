@@ -20,9 +20,12 @@ background behind it.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,6 +273,61 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
+
+
+def _csv_rows(path: Path, skips: _SkipLog, *, key_column: str, expected: str) -> tuple[list[str], Iterator[tuple[str, list[str]]]]:
+    """The header of a CSV file and a lazy iterator of its rows as ``("line N", stripped cells)``.
+
+    Blank rows are passed over; a row the csv module cannot parse, or whose field count differs
+    from the header's, goes to ``skips`` (keyed by its ``key_column`` cell where it has one).
+
+    Raises:
+        DataError: The file is unreadable or has no header (``expected`` says what it should be).
+    """
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    header = [name.strip() for name in next(reader, None) or []]
+    if not header:
+        raise DataError(f"{path}: empty CSV file (expected a header {expected})")
+    key = header.index(key_column) if key_column in header else None
+
+    def rows() -> Iterator[tuple[str, list[str]]]:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                skips.add(f"line {reader.line_num}", path, f"line {reader.line_num}: unparseable CSV ({exc})")
+                continue
+            where = f"line {reader.line_num}"
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                name = row[key].strip() if key is not None and len(row) > key else ""
+                skips.add(name or where, path, f"{where}: {len(row)} fields, the header has {len(header)}")
+                continue
+            yield where, [cell.strip() for cell in row]
+
+    return header, rows()
+
+
+def _keep_rows(rows: list[tuple[str, str, Any]], images: Path, path: Path, skips: _SkipLog, *,
+               twice: str) -> tuple[list[_Item], list[Any]]:  # fmt: skip
+    """The ``(image name, "line N", value)`` rows of a table whose image exists, each image once.
+
+    A repeated image (``twice`` says why) or a missing image file goes to ``skips``.
+    """
+    items, values, seen = [], [], set()
+    for name, where, value in rows:
+        if name in seen:
+            skips.add(name, path, f"{where}: {twice}")
+        elif not (images / name).is_file():
+            skips.add(name, images / name, f"image file not found ({where} of {path.name})")
+        else:
+            items.append(_Item(name, images / name, None))
+            values.append(value)
+        seen.add(name)
+    return items, values
 
 
 def _read_json(path: Path) -> Any:

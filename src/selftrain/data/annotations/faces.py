@@ -25,18 +25,24 @@ file and line in strict mode.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from selftrain.data.annotations.base import AnnotatedSource, _directory, _Item, _read_text, _SkipLog, _split_uri
+from selftrain.data.annotations.base import (
+    AnnotatedSource,
+    _csv_rows,
+    _directory,
+    _Item,
+    _keep_rows,
+    _read_text,
+    _SkipLog,
+    _split_uri,
+)
 from selftrain.data.annotations.face_landmarks import FLIP_PAIRS_68
 from selftrain.data.sources import DataError
 from selftrain.metrics_faces import EXPRESSIONS
@@ -141,34 +147,6 @@ def read_pairs(path: str | Path, images: str | Path | None = None, *, strict: bo
 # ------------------------------------------------------------------------------------ CSV tables
 
 
-def _csv_records(path: Path, skips: _SkipLog, required: tuple[str, ...]) -> tuple[list[str], Iterator[tuple[str, list[str]]]]:
-    """The header and the ``("line N", row)`` rows of a CSV with the header's field count."""
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
-    header = [name.strip() for name in next(reader, None) or []]
-    missing = [name for name in required if name not in header]
-    if missing:
-        raise DataError(f"{path}: the header needs the columns {missing}, got {header[:10]}")
-
-    def rows() -> Iterator[tuple[str, list[str]]]:
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                skips.add(f"line {reader.line_num}", path, f"line {reader.line_num}: unparseable CSV ({exc})")
-                continue
-            where = f"line {reader.line_num}"
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                skips.add(where, path, f"{where}: {len(row)} fields, the header has {len(header)}")
-                continue
-            yield where, [cell.strip() for cell in row]
-
-    return header, rows()
-
-
 def _number(text: str, column: str, low: float = -math.inf, high: float = math.inf) -> float:
     try:
         value = float(text)
@@ -197,22 +175,6 @@ class FaceTableSource(AnnotatedSource):
         return {**super().describe(), **extra}
 
 
-def _keep(uri: str, parsed: list[tuple[str, str, dict[str, np.ndarray]]], images: Path, path: Path,
-          skips: _SkipLog) -> tuple[list[_Item], list[dict[str, np.ndarray]]]:  # fmt: skip
-    """Rows whose image exists and is not annotated twice."""
-    items, targets, seen = [], [], set()
-    for name, where, value in parsed:
-        if name in seen:
-            skips.add(name, path, f"{where}: the image is already annotated")
-        elif not (images / name).is_file():
-            skips.add(name, images / name, f"image file not found ({where} of {path.name})")
-        else:
-            items.append(_Item(name, images / name, None))
-            targets.append(value)
-        seen.add(name)
-    return items, targets
-
-
 def _table_paths(uri: str, rest: str, scheme: str) -> tuple[Path, Path]:
     target, params = _split_uri(uri, rest, scheme, ("images",))
     path = Path(target).expanduser()
@@ -223,7 +185,9 @@ def build_au(uri: str, rest: str, *, image_size: int | None, channels: int | Non
     """Builds the source for ``au:FILE.csv[?images=DIR]`` (per-image AU intensities 0-5)."""
     path, images = _table_paths(uri, rest, "au")
     skips = _SkipLog(uri, strict)
-    header, rows = _csv_records(path, skips, ("image",))
+    header, rows = _csv_rows(path, skips, key_column="image", expected="image,AU1,AU2,...")
+    if "image" not in header:
+        raise DataError(f"{path}: the header needs an 'image' column, got {header[:10]}")
     columns = [(k, f"AU{int(m.group(1))}") for k, m in ((k, _AU_COLUMN.match(h)) for k, h in enumerate(header)) if m]
     if not columns or len({name for _, name in columns}) != len(columns):
         raise DataError(f"{path}: the header needs distinct AU<number> columns, got {header[:10]}")
@@ -238,7 +202,7 @@ def build_au(uri: str, rest: str, *, image_size: int | None, channels: int | Non
             skips.add(name or where, path, f"{where}: {exc}")
             continue
         parsed.append((name, where, {"au": np.asarray(values, dtype=np.float32)}))
-    items, targets = _keep(uri, parsed, images, path, skips)
+    items, targets = _keep_rows(parsed, images, path, skips, twice="the image is already annotated")
     return FaceTableSource(uri, items, targets, classes=None, target_keys=("au",), channels=channels,
                            image_size=image_size, skips=skips.finish(len(items)),
                            au_names=[name for _, name in columns])  # fmt: skip
@@ -271,7 +235,10 @@ def build_affectnet(uri: str, rest: str, *, image_size: int | None, channels: in
     """Builds the source for ``affectnet:FILE.csv[?images=DIR]`` (expression, valence, arousal)."""
     path, images = _table_paths(uri, rest, "affectnet")
     skips = _SkipLog(uri, strict)
-    header, rows = _csv_records(path, skips, AFFECTNET_COLUMNS)
+    header, rows = _csv_rows(path, skips, key_column=AFFECTNET_COLUMNS[0], expected=",".join(AFFECTNET_COLUMNS))
+    missing = [name for name in AFFECTNET_COLUMNS if name not in header]
+    if missing:
+        raise DataError(f"{path}: the header needs the columns {missing}, got {header[:10]}")
     parsed = []
     for where, row in rows:
         record = dict(zip(header, row))
@@ -282,7 +249,7 @@ def build_affectnet(uri: str, rest: str, *, image_size: int | None, channels: in
             parsed.append((name, where, _affectnet_row(record)))
         except ValueError as exc:
             skips.add(name or where, path, f"{where}: {exc}")
-    items, targets = _keep(uri, parsed, images, path, skips)
+    items, targets = _keep_rows(parsed, images, path, skips, twice="the image is already annotated")
     labels = np.array([int(t["labels"][0]) for t in targets], dtype=np.int64)
     return FaceTableSource(uri, items, targets, classes=list(EXPRESSIONS), labels=labels,
                            target_keys=("boxes", "labels", "keypoints", "valence_arousal"), channels=channels,

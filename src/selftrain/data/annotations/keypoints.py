@@ -5,8 +5,6 @@ One ``(P, 3)`` set of points per image; ``DIR`` defaults to the file's folder.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 from collections import Counter
@@ -18,11 +16,12 @@ import numpy as np
 from selftrain.data.annotations.base import (
     AnnotatedSource,
     _clean_points,
+    _csv_rows,
     _directory,
     _is_number,
     _Item,
+    _keep_rows,
     _read_json,
-    _read_text,
     _SkipLog,
     _split_uri,
 )
@@ -71,16 +70,7 @@ def build_keypoints(
     images_dir = _directory(uri, Path(params["images"]).expanduser() if "images" in params else path.parent)
     skips = _SkipLog(uri, strict)
     rows = _csv_points(path, skips) if path.suffix.lower() == ".csv" else _json_points(path, skips)
-    items, points, seen = [], [], set()
-    for name, where, value in rows:
-        if name in seen:
-            skips.add(name, path, f"{where}: the image already has keypoints")
-        elif not (images_dir / name).is_file():
-            skips.add(name, images_dir / name, f"image file not found ({where} of {path.name})")
-        else:
-            items.append(_Item(name, images_dir / name, None))
-            points.append(value)
-        seen.add(name)
+    items, points = _keep_rows(rows, images_dir, path, skips, twice="the image already has keypoints")
     return KeypointSource(
         uri, items, points, classes=None, target_keys=("keypoints",), channels=channels,
         image_size=image_size, skips=skips.finish(len(items)),
@@ -89,28 +79,12 @@ def build_keypoints(
 
 def _csv_points(path: Path, skips: _SkipLog) -> list[tuple[str, str, np.ndarray]]:
     """Valid ``(image, "line N", (P, 3) points)`` rows of a CSV file; bad rows go to ``skips``."""
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
-    header = next(reader, None)
-    if not header:
-        raise DataError(f"{path}: empty CSV file (expected a header image,x0,y0,...)")
-    columns = _point_columns(path, [name.strip() for name in header])
+    header, rows_of_file = _csv_rows(path, skips, key_column="image", expected="image,x0,y0,...")
+    columns = _point_columns(path, header)
     num_points = len(columns["x"])
     rows = []
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            skips.add(f"line {reader.line_num}", path, f"line {reader.line_num}: unparseable CSV ({exc})")
-            continue
-        where = f"line {reader.line_num}"
-        if not any(cell.strip() for cell in row):
-            continue
-        name = row[columns["image"]].strip() if len(row) > columns["image"] else ""
-        if len(row) != len(header):
-            skips.add(name or where, path, f"{where}: {len(row)} fields, the header has {len(header)}")
-            continue
+    for where, row in rows_of_file:
+        name = row[columns["image"]]
         if not name:
             skips.add(where, path, f"{where}: empty image name")
             continue
@@ -119,7 +93,7 @@ def _csv_points(path: Path, skips: _SkipLog) -> list[tuple[str, str, np.ndarray]
         for axis, letter in enumerate("xyv"):
             for k, col in enumerate(columns[letter]):
                 try:
-                    values[k, axis] = float(row[col]) if row[col].strip() else math.nan
+                    values[k, axis] = float(row[col]) if row[col] else math.nan
                 except ValueError:
                     bad_cell = bad_cell or f"{where}: column {header[col]} is not a number: {row[col]!r:.40}"
         if bad_cell:
