@@ -17,7 +17,7 @@ from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
 from selftrain.cli import app
-from selftrain.curate import _dct_matrix, find_duplicates, hamming_distances, phash_bits, write_curated
+from selftrain.curate import _dct_matrix, find_duplicates, group_pairs, hamming_distances, phash_bits, write_curated
 from selftrain.data import BadImageError, build_source
 
 
@@ -29,6 +29,12 @@ def test_dct_matches_scipy_and_hamming_matches_a_loop():
     bits = np.random.default_rng(1).integers(0, 2, size=(5, 64)).astype(bool)
     naive = [[int((a != b).sum()) for b in bits] for a in bits]
     assert hamming_distances(bits, bits).tolist() == naive
+
+
+def test_groups_are_connected_components_labelled_by_their_first_image():
+    # 1 ~ 3 and 3 ~ 5 chain into one group (single linkage); 2 ~ 4 is another; 0 stands alone.
+    assert group_pairs(6, np.array([3, 1, 2]), np.array([5, 3, 4])).tolist() == [0, 1, 2, 1, 2, 1]
+    assert group_pairs(0, np.zeros(0, dtype=int), np.zeros(0, dtype=int)).tolist() == []
 
 
 def test_phash_ignores_small_changes_and_tells_photos_apart():

@@ -17,8 +17,8 @@ it and removes it. Two signatures:
   initialised backbone is used, which only finds images that look alike pixel for pixel, like the
   hash. A trained backbone is the better choice when you have one.
 
-Near-duplicate pairs are joined into groups by union-find (single linkage: A ~ B and B ~ C put A
-and C in one group), and the first image of each group in pool order is kept. All pairs are
+Near-duplicate pairs are joined into groups, the connected components of the near-duplicate graph
+(as union-find would; single linkage: A ~ B and B ~ C put A and C in one group), and the first image of each group in pool order is kept. All pairs are
 compared exactly, in chunks (memory stays bounded; time grows with the square of the pool:
 about 15 s for 10,000 small images on one CPU thread, ~15 min for 100,000).
 
@@ -135,40 +135,35 @@ class _Embedder:
 # ------------------------------------------------------------------------------------- grouping
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = np.arange(n)
-
-    def find(self, i: int) -> int:
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:  # path compression
-            self.parent[i], i = root, self.parent[i]
-        return int(root)
-
-    def union(self, i: int, j: int) -> None:
-        a, b = self.find(i), self.find(j)
-        if a != b:
-            self.parent[max(a, b)] = min(a, b)  # the earlier image stays the root, so it is the one kept
-
-
-def _near_pairs(signatures: np.ndarray, method: str, threshold: float) -> list[tuple[int, int, float]]:
-    """Every pair ``(i, j, distance or similarity)``, ``i < j``, that passes the threshold, in chunks."""
-    pairs = []
+def _near_pairs(signatures: np.ndarray, method: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(i, j)`` index arrays, ``i < j``, of every pair that passes the threshold, computed in chunks."""
+    rows, cols = [], []
     for start in range(0, len(signatures), _CHUNK):
         block = signatures[start : start + _CHUNK]
         if method == "phash":
-            values = hamming_distances(block, signatures)
-            hits = values <= threshold
+            hits = hamming_distances(block, signatures) <= threshold
         else:
-            values = block @ signatures.T
-            hits = values >= threshold
-        rows, cols = np.nonzero(hits)
-        for r, c in zip(rows.tolist(), cols.tolist()):
-            if start + r < c:
-                pairs.append((start + r, c, float(values[r, c])))
-    return pairs
+            hits = block @ signatures.T >= threshold
+        r, c = np.nonzero(np.triu(hits, k=start + 1))  # each pair once: column after row
+        rows.append(r + start)
+        cols.append(c)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+def group_pairs(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``(n,)`` group of each item: the lowest index of its connected component (single linkage).
+
+    Connected components of the near-duplicate graph (scipy's union-find equivalent), labelled by
+    their first member so that the kept image of a group is the first one in pool order.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    first = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(first, labels, np.arange(n))
+    return first[labels]
 
 
 # ---------------------------------------------------------------------------------------- curate
@@ -284,11 +279,8 @@ def find_duplicates(
         # raw cosines are all high; centring on the pool mean leaves what tells images apart.
         signatures = signatures - signatures.mean(axis=0)
         signatures /= np.linalg.norm(signatures, axis=1, keepdims=True).clip(1e-12)
-    groups = _UnionFind(len(keys))
-    pairs = _near_pairs(signatures, method, threshold) if len(keys) else []
-    for i, j, _ in pairs:
-        groups.union(i, j)
-    group = np.array([groups.find(i) for i in range(len(keys))], dtype=np.int64)
+    empty = np.zeros(0, dtype=np.int64)
+    group = group_pairs(len(keys), *(_near_pairs(signatures, method, threshold) if len(keys) else (empty, empty)))
     links = {}
     for p, r in enumerate(group.tolist()):
         if r != p:  # measured against the kept image itself, which single linkage may have reached through others
