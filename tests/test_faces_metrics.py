@@ -18,6 +18,7 @@ from selftrain.metrics_faces import (
     nme_3d,
     tar_at_far,
     verification_accuracy,
+    verification_metrics,
 )
 
 # ------------------------------------------------------------------------------- verification
@@ -57,6 +58,17 @@ def test_tar_at_far_by_hand_and_against_a_threshold_sweep():
     for far in (0.1, 0.2, 0.3, 0.5):
         best = max((gen > t).mean() for t in np.append(scores, -np.inf) if (imp > t).mean() <= far)
         assert tar_at_far(scores, same, fars=(far,))[f"tar@far={far:g}"] == pytest.approx(100 * best)
+
+
+def test_verification_metrics_from_embeddings():
+    # Images 0, 1 point the same way (cosine 1), 2 is orthogonal to them (0), 3 opposite to 0 (-1).
+    embeddings = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    a, b = [0, 0, 1, 0], [1, 2, 3, 3]
+    same = [True, False, True, False]  # the third pair (cosine -1) is a genuine pair the embedding misses
+    # Fold 0 (scores 1, 0) is tested with fold 1's threshold (-1 same, -1 different: -2, all "same") -> 50%;
+    # fold 1 (-1 same, -1 different) with fold 0's (0.5) -> both "different" -> 50%.
+    result = verification_metrics(embeddings, a, b, same, folds=[0, 0, 1, 1], fars=(0.5,))
+    assert result == pytest.approx({"accuracy": 50.0, "accuracy_std": 0.0, "tar@far=0.5": 50.0})
 
 
 def test_cosine_similarity():

@@ -14,7 +14,7 @@ from selftrain.data.annotations import FaceLandmarkSource, FaceTableSource, read
 from selftrain.data.annotations.face_landmarks import FLIP_PAIRS_68
 from selftrain.data.sources import KNOWN_SCHEMES, DataError
 from selftrain.data.targets import BadAnnotationError
-from selftrain.metrics_faces import EXPRESSIONS, landmark_metrics
+from selftrain.metrics_faces import EXPRESSIONS, landmark_metrics, verification_metrics
 
 
 def skip_reasons(records: list[dict[str, str]]) -> dict[str, str]:
@@ -174,6 +174,11 @@ def test_lfw_pairs_folds_kinds_and_malformed_lines(tmp_path: Path) -> None:
     short.write_text("10\t300\nAbel_Pacheco\t1\t4\n")
     with pytest.raises(DataError, match="promises 10 x 2 x 300 = 6000 pairs, the file has 1 lines"):
         read_pairs(short, lfw)
+    # One embedding per distinct image: a person's images point one way, so same-person pairs score 1.
+    person = {"Abel_Pacheco": [1.0, 0.0], "Akhmed_Zakayev": [0.0, 1.0], "Slobodan_Milosevic": [-1.0, 0.2]}
+    embeddings = np.array([person[path.parent.name] for path in result.images])
+    scores = verification_metrics(embeddings, result.a, result.b, result.same, result.fold, fars=(0.5,))
+    assert scores == {"accuracy": 100.0, "accuracy_std": 0.0, "tar@far=0.5": 100.0}
     dev = tmp_path / "pairsDevTrain.txt"  # one number: one fold
     dev.write_text("1\nAbel_Pacheco\t1\t2\nAbel_Pacheco\t1\tAkhmed_Zakayev\t1\n")
     assert read_pairs(dev, lfw).fold.tolist() == [0, 0]

@@ -3,8 +3,9 @@
 ==================  ==========================================  ====================================
 task                function                                    values
 ==================  ==========================================  ====================================
-verification        :func:`verification_accuracy`,              ``accuracy`` (10-fold, %) and its
-                    :func:`tar_at_far`                          ``std``; ``tar@far=1e-3`` ... (%)
+verification        :func:`verification_metrics`                ``accuracy`` (10-fold, %) and its
+                    (:func:`verification_accuracy`,             ``std``; ``tar@far=0.001`` ... (%)
+                    :func:`tar_at_far`)
 2D landmarks        :func:`landmark_metrics`                    ``nme``, ``failure_rate``, ``auc``
                                                                 (all %)
 AU intensity        :func:`au_metrics`, :func:`icc_3_1`         ``icc`` (mean over AUs), ``mae``,
@@ -133,6 +134,26 @@ def tar_at_far(scores: Any, same: Any, fars: Sequence[float] = (1e-3, 1e-2, 1e-1
         tar = 1.0 if allowed >= len(impostor) else float((genuine > impostor[allowed]).mean())
         out[f"tar@far={far:g}"] = 100.0 * tar
     return out
+
+
+def verification_metrics(
+    embeddings: Any, a: Any, b: Any, same: Any, folds: Any = None, fars: Sequence[float] = (1e-3, 1e-2, 1e-1)
+) -> dict[str, float]:
+    """Verification of a pair set from one embedding per image: cosine scores, 10-fold accuracy, TAR@FAR.
+
+    Args:
+        embeddings: ``(M, D)``, one row per distinct image.
+        a, b, same, folds: Per pair, the rows of its two images, whether they show one person, and
+            its fold (:class:`selftrain.data.annotations.PairSet` has all four).
+
+    Returns:
+        ``{"accuracy": %, "accuracy_std": %, "tar@far=...": %, ...}``.
+    """
+    embeddings = _array(embeddings, "embeddings")
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    scores = cosine_similarity(embeddings[a], embeddings[b])
+    accuracy = verification_accuracy(scores, same, folds)
+    return {"accuracy": accuracy["accuracy"], "accuracy_std": accuracy["std"], **tar_at_far(scores, same, fars)}
 
 
 # ----------------------------------------------------------------------------------- landmarks
