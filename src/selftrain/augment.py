@@ -125,13 +125,24 @@ class BatchAugment(nn.Module):
         """
         if len(targets) != len(images):
             raise ValueError(f"{len(images)} images but {len(targets)} target dicts")
-        if self.geometric is None:
+        images, steps = self.forward_with_warps(images)
+        if not steps:
             return images, [dict(t) for t in targets]
+        return images, warp_targets(targets, steps, (images.shape[-2], images.shape[-1]), flip_pairs)
+
+    @torch.no_grad()
+    def forward_with_warps(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Augments images and returns the warps they went through, for :func:`warp_targets`.
+
+        Several sets of targets (e.g. the masks, boxes and points of a multi-task batch) can then
+        follow the same images, each with its own flip pairs. No warp (strength ``none``): ``[]``.
+        """
+        if self.geometric is None:
+            return images, []
         images = self.geometric(images)
         steps = [self.geometric.transform_matrix]  # (B, 3, 3); the flip loses no pixel, so flip + affine is one warp
         images = self._apply_policy(images)
-        steps += self._policy_steps()
-        return images, warp_targets(targets, steps, (images.shape[-2], images.shape[-1]), flip_pairs)
+        return images, steps + self._policy_steps()
 
     def _policy_steps(self) -> list[torch.Tensor]:
         """The matrices of the policy operations of the last call, in the order they ran.
