@@ -279,12 +279,12 @@ def _warp_maps(targets: Targets, steps: list[torch.Tensor], size: tuple[int, int
 
 def _warp_boxes(targets: Targets, steps: list[torch.Tensor], size: tuple[int, int]) -> None:
     which, counts, boxes, owner = _with_owner(targets, "boxes", 4)
-    if not which:
-        return
     for i in which:
         for key in ("labels", "scores"):
             if key in targets[i] and len(targets[i][key]) != len(targets[i]["boxes"]):
                 raise ValueError(f"sample {i}: {len(targets[i]['boxes'])} boxes but {len(targets[i][key])} {key}")
+    if not len(boxes):  # no sample has a box (e.g. pseudo labels of a weak detector): nothing to move
+        return
     height, width = size
     image = torch.tensor([[0.0, 0.0, width, height]], device=boxes.device)
     # The object's box through all warps, and each warp's output image through the warps after it: the

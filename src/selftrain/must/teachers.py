@@ -202,6 +202,15 @@ def train_teacher(cfg: Config, tcfg: MustTeacherConfig, run: RunFolder, runtime:
     return teach(sub_cfg, sub, prepare_data(sub_cfg, sub), runtime)
 
 
+def teacher_weights(run: RunFolder, tcfg: MustTeacherConfig) -> Path | None:
+    """Where a ``train`` or ``checkpoint:`` teacher's selftrain weights are (None for other specs)."""
+    if tcfg.kind == "train":
+        return run.root / "must" / "teach" / tcfg.key / "teach" / "model.safetensors"
+    if tcfg.kind == "checkpoint":
+        return _checkpoint_path(tcfg.spec.partition(":")[2])
+    return None
+
+
 def _checkpoint_path(argument: str) -> Path:
     path = Path(argument)
     if path.is_dir():
