@@ -307,3 +307,12 @@ def test_refuses_bad_inputs():
         BatchAugment("S3", scale_range=(0.0, 2.0))
     with pytest.raises(ValueError, match="no effect"):
         BatchAugment("none", scale_range=(0.5, 2.0))
+
+
+def test_a_batch_without_any_box_passes_through():
+    # A weak detector's pseudo labels can leave a whole batch without a box.
+    aug = BatchAugment("S4")
+    targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}, {}]
+    images, out = aug.forward_dense(torch.rand(2, 1, 16, 16), targets)
+    assert images.shape == (2, 1, 16, 16)
+    assert out[0]["boxes"].shape == (0, 4) and len(out[0]["labels"]) == 0 and out[1] == {}

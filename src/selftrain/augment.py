@@ -125,13 +125,24 @@ class BatchAugment(nn.Module):
         """
         if len(targets) != len(images):
             raise ValueError(f"{len(images)} images but {len(targets)} target dicts")
-        if self.geometric is None:
+        images, steps = self.forward_with_warps(images)
+        if not steps:
             return images, [dict(t) for t in targets]
+        return images, warp_targets(targets, steps, (images.shape[-2], images.shape[-1]), flip_pairs)
+
+    @torch.no_grad()
+    def forward_with_warps(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Augments images and returns the warps they went through, for :func:`warp_targets`.
+
+        Several sets of targets (e.g. the masks, boxes and points of a multi-task batch) can then
+        follow the same images, each with its own flip pairs. No warp (strength ``none``): ``[]``.
+        """
+        if self.geometric is None:
+            return images, []
         images = self.geometric(images)
         steps = [self.geometric.transform_matrix]  # (B, 3, 3); the flip loses no pixel, so flip + affine is one warp
         images = self._apply_policy(images)
-        steps += self._policy_steps()
-        return images, warp_targets(targets, steps, (images.shape[-2], images.shape[-1]), flip_pairs)
+        return images, steps + self._policy_steps()
 
     def _policy_steps(self) -> list[torch.Tensor]:
         """The matrices of the policy operations of the last call, in the order they ran.
@@ -268,12 +279,12 @@ def _warp_maps(targets: Targets, steps: list[torch.Tensor], size: tuple[int, int
 
 def _warp_boxes(targets: Targets, steps: list[torch.Tensor], size: tuple[int, int]) -> None:
     which, counts, boxes, owner = _with_owner(targets, "boxes", 4)
-    if not which:
-        return
     for i in which:
         for key in ("labels", "scores"):
             if key in targets[i] and len(targets[i][key]) != len(targets[i]["boxes"]):
                 raise ValueError(f"sample {i}: {len(targets[i]['boxes'])} boxes but {len(targets[i][key])} {key}")
+    if not len(boxes):  # no sample has a box (e.g. pseudo labels of a weak detector): nothing to move
+        return
     height, width = size
     image = torch.tensor([[0.0, 0.0, width, height]], device=boxes.device)
     # The object's box through all warps, and each warp's output image through the warps after it: the

@@ -88,6 +88,33 @@ def transfer(config: ConfigArg = None, out: OutOpt = Path("runs/run"), set: SetO
     _stage(["transfer"], config, out, set, resume, strict)
 
 
+def _must(stages: list[str] | None, config: Path | None, out: Path, overrides: list[str] | None, resume: str, strict: bool) -> None:
+    from selftrain.must.pipeline import run_must
+
+    if resume not in ("auto", "never"):
+        raise typer.BadParameter("--resume must be auto or never")
+    folder = run_must(_config(config, overrides, strict), out, stages=stages, resume=resume)
+    console.print(f"[green]done[/green]: {folder}")
+
+
+@app.command()
+def must(config: ConfigArg = None, out: OutOpt = Path("runs/must"), set: SetOpt = None, resume: ResumeOpt = "auto", strict: StrictOpt = False) -> None:
+    """Multi-task self-training: the teachers label the pool (must-label), then one student learns every task."""
+    _must(None, config, out, set, resume, strict)
+
+
+@app.command("must-label")
+def must_label(config: ConfigArg = None, out: OutOpt = Path("runs/must"), set: SetOpt = None, resume: ResumeOpt = "auto", strict: StrictOpt = False) -> None:
+    """Train the teachers that need it and label the pool into the multi-task store (OUT/must/label)."""
+    _must(["label"], config, out, set, resume, strict)
+
+
+@app.command("must-student")
+def must_student(config: ConfigArg = None, out: OutOpt = Path("runs/must"), set: SetOpt = None, resume: ResumeOpt = "auto", strict: StrictOpt = False) -> None:
+    """Train the multi-task student on the store of --out and measure it on the teachers' test sets."""
+    _must(["student"], config, out, set, resume, strict)
+
+
 @app.command()
 def report(folder: Annotated[Path, typer.Argument(help="an output folder (searched recursively for results.csv)")]) -> None:
     """Write report.md and report.html (table, plots) for an output folder, and print the table."""

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -162,6 +163,104 @@ class EngineConfig(_Strict):
     progress: bool = True
 
 
+TEACHER_KINDS = ("train", "checkpoint", "timm", "torchvision", "callable", "none")
+
+
+class MustTeacherConfig(_Strict):
+    """One teacher of multi-task self-training (Ghiasi et al. 2021): a task, a model, its data.
+
+    ``spec`` says where the model comes from (see :mod:`selftrain.must.teachers`): ``train`` (the
+    teach stage on ``data``), ``checkpoint:PATH`` (a selftrain model or run folder), ``timm:NAME`` or
+    ``torchvision:NAME`` (with local ``weights``), ``callable:pkg.mod:fn`` (any Python function), or
+    ``none`` (no teacher: the task has human labels only, from ``human``).
+    """
+
+    name: str | None = Field(None, description="column prefix in the store and head name; default: the task")
+    task: str
+    spec: str = Field("train", description="train | checkpoint:PATH | timm:NAME | torchvision:NAME | callable:pkg.mod:fn | none")
+    data: str | None = Field(None, description="the teacher's labeled dataset (trains it; its classes size the task)")
+    test: str | None = Field(None, description="held-out set the teacher and the student's head are measured on")
+    label_fraction: float = Field(1.0, gt=0, le=1, description="fraction of `data` a trained teacher learns from")
+    classes: list[str] | None = Field(None, description="class (keypoints: point) names of a teacher without `data`")
+    input_size: int | None = Field(None, ge=8, le=1024, description="the teacher's input size; None: its own (checkpoint) or the pool's")
+    channels: Literal[1, 3] | None = Field(None, description="the teacher's input channels; None: its own or the pool's")
+    mean: list[float] | None = Field(None, description="timm/torchvision/callable: normalization mean; None: ImageNet's (callable: 0)")
+    std: list[float] | None = Field(None, description="timm/torchvision/callable: normalization std; None: ImageNet's (callable: 1)")
+    weights: str | None = Field(None, description="timm/torchvision: local weights file (never downloaded)")
+    human: str | None = Field(None, description="ground truth that replaces pseudo labels: pool (the pool's own targets) or a URI with the pool's keys")
+    human_fraction: float = Field(1.0, gt=0, le=1, description="seeded share of the images with ground truth that use it")
+    threshold: float = Field(0.0, ge=0, le=1, description="the student ignores pseudo records under this confidence")
+    weight: float = Field(1.0, ge=0, description="loss weight when must.loss_weights is user")
+    batch_size: int | None = Field(None, ge=1, description="heuristic loss weight: the teacher's batch size; None: teach.batch_size")
+    lr: float | None = Field(None, gt=0, description="heuristic loss weight: the teacher's learning rate; None: teach.optim.lr")
+
+    @model_validator(mode="after")
+    def _spec(self) -> MustTeacherConfig:
+        from selftrain.tasks import TASKS
+
+        if self.task not in PIPELINE_TASKS:
+            known = ", ".join(t for t in TASKS.names() if t in PIPELINE_TASKS)
+            raise ValueError(f"task: unknown task {self.task!r}; known: {known}")
+        kind, _, rest = self.spec.partition(":")
+        if kind not in TEACHER_KINDS:
+            raise ValueError(f"spec: {self.spec!r} is not one of {' | '.join(TEACHER_KINDS)} (with :ARGUMENT where needed)")
+        if kind in ("train", "none") and rest:
+            raise ValueError(f"spec: {kind!r} takes no argument, got {self.spec!r}")
+        if kind in ("checkpoint", "timm", "torchvision") and not rest:
+            raise ValueError(f"spec: {kind}:ARGUMENT expected, got {self.spec!r}")
+        if kind == "callable" and len(rest.split(":")) != 2:
+            raise ValueError(f"spec: callable:pkg.module:function expected, got {self.spec!r}")
+        if kind == "train" and not self.data:
+            raise ValueError("data: a teacher with spec 'train' needs its labeled dataset (data: URI)")
+        if kind in ("timm", "torchvision") and not self.weights:
+            raise ValueError(f"weights: a {kind} teacher needs a local weights file; nothing is downloaded")
+        if kind == "none" and not self.human:
+            raise ValueError("human: a task without a teacher (spec 'none') needs ground truth (human: pool or URI)")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", self.name):
+            raise ValueError(f"name: {self.name!r} must be a letter followed by letters, digits, _ or -")
+        return self
+
+    @property
+    def key(self) -> str:
+        """The teacher's name: its store columns ``<key>.*`` and the student's head."""
+        return self.name or self.task
+
+    @property
+    def kind(self) -> str:
+        return self.spec.partition(":")[0]
+
+
+class MustStudentConfig(_Strict):
+    """The multi-task student: one backbone with a feature pyramid and one head per teacher."""
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1, description="pool images per step; every image carries the tasks it has")
+    augment: Augment = Field("S1", description="applied jointly to the image and every dense pseudo label")
+    init: str = Field("scratch", description="scratch | path to a weights file for the backbone")
+    average_decay: float = Field(0.99, ge=0, lt=1, description="decay of the per-task loss averages (normalized weights)")
+    optim: OptimConfig = OptimConfig()
+
+
+class MustConfig(_Strict):
+    """Multi-task self-training (MuST, Ghiasi et al. 2021): teachers label one pool, one student learns all tasks."""
+
+    teachers: list[MustTeacherConfig] = []
+    loss_weights: Literal["heuristic", "normalized", "user"] = Field(
+        "heuristic", description="heuristic: (b_s lr_i) / (b_i lr_s) (DESIGN 4); normalized: each task's loss over "
+        "its moving average; user: the teachers' `weight`",
+    )  # fmt: skip
+    student: MustStudentConfig = MustStudentConfig()
+
+    @field_validator("teachers")
+    @classmethod
+    def _unique(cls, teachers: list[MustTeacherConfig]) -> list[MustTeacherConfig]:
+        keys = [t.key for t in teachers]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"teacher names must be unique (name defaults to the task), repeated: {', '.join(repeated)}")
+        return teachers
+
+
 class Config(_Strict):
     """A whole run: the stages to run and one section per stage."""
 
@@ -176,6 +275,7 @@ class Config(_Strict):
     student: StudentConfig = StudentConfig()
     transfer: TransferConfig = TransferConfig()
     engine: EngineConfig = EngineConfig()
+    must: MustConfig = MustConfig()
 
     @field_validator("stages")
     @classmethod
@@ -221,14 +321,26 @@ class Config(_Strict):
         return self
 
 
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The config model behind a field's annotation: ``Section`` or the items of ``list[Section]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
 def _describe(model: type[BaseModel], loc: tuple) -> str:
     """Names the keys allowed at the parent of ``loc``, for an unknown-key message."""
     fields = model.model_fields
     for part in loc[:-1]:
-        annotation = fields[part].annotation if part in fields else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if isinstance(part, int):  # an item of a list of sections (must.teachers.0)
+            continue
+        sub = _model_of(fields[part].annotation) if part in fields else None
+        if sub is None:
             return ""
-        fields = annotation.model_fields
+        fields = sub.model_fields
     close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"{hint}; allowed: {', '.join(fields)}"
@@ -242,24 +354,45 @@ def _format_errors(err: ValidationError, source: str) -> ConfigError:
             lines.append(f"  {key}: unknown key{_describe(Config, e['loc'])}")
         elif not key:  # a check across sections: its message names the keys itself
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # A check of a whole section (e.g. one teacher): its message starts with the key it is about.
+            msg = e["msg"].removeprefix("Value error, ")
+            field, sep, rest = msg.partition(": ")
+            named = bool(sep) and re.fullmatch(r"[a-z_]+", field) is not None
+            lines.append(f"  {key}.{field}: {rest}" if named else f"  {key}: {msg}")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return ConfigError(f"invalid config {source}:\n" + "\n".join(lines))
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Applies one ``dotted.key=value`` override in place; the value is parsed as YAML."""
+    """Applies one ``dotted.key=value`` override in place; the value is parsed as YAML.
+
+    A number indexes a list of sections: ``must.teachers.0.spec=...`` (the next free index appends one).
+    """
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.key=value")
     key, value = override.split("=", 1)
     parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) > len(node):
+                raise ConfigError(f"override {key}: {'.'.join(parts[:depth])} is a list of {len(node)}; "
+                                  f"use an index 0..{len(node)}, not {part!r}")  # fmt: skip
+            if int(part) == len(node):
+                node.append({})
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {parts[depth - 1]!r} is a value, not a section")
+        if last:
+            node[part] = yaml.safe_load(value) if value.strip() else None
+        else:
+            if isinstance(node, dict):
+                node = node.setdefault(part, [] if parts[depth + 1].isdigit() else {})
+            else:
+                node = node[part]
 
 
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple = (), source: str = "<dict>") -> Config:

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from selftrain.tasks import TASKS
@@ -140,6 +141,51 @@ class Classification:
         """Store rows -> target distributions (N, K) for the student."""
         flat = table.column("classification.probs").combine_chunks().flatten().to_numpy()
         return torch.from_numpy(flat.reshape(-1, self.num_classes).copy())
+
+
+    # ------------------------------------------------------------------ the common pseudo-label view (tasks.base)
+
+    def build_head(self, channels, strides) -> nn.Module:
+        """Global average pooling of the coarsest pyramid level + a linear classifier: -> logits (B, K)."""
+        return PooledClassifier(int(channels[-1]), self.num_classes)
+
+    def pseudo_targets(self, logits: torch.Tensor, label_cfg) -> tuple[list[dict[str, torch.Tensor]], np.ndarray]:
+        """Teacher logits -> ``{"probs": (K,)}`` per image and the top untempered softmax as confidence."""
+        columns = self.encode_records(logits, label_cfg)
+        probs = torch.from_numpy(columns["classification.probs"])
+        return [{"probs": p} for p in probs], columns["classification.confidence"]
+
+    def human_targets(self, source, indices: np.ndarray) -> list[dict[str, torch.Tensor] | None]:
+        """One-hot ``probs`` of the source's labels; ``None`` for an image without one (label -1)."""
+        labels = np.asarray(source.labels)[np.asarray(indices, dtype=np.int64)]
+        return [{"probs": self.targets(torch.tensor([int(c)]))[0]} if c >= 0 else None for c in labels]
+
+    def pseudo_schema(self) -> dict[str, pa.DataType]:
+        return {"classification.probs": pa.list_(pa.float32(), self.num_classes), "classification.label": pa.int32(),
+                "classification.confidence": pa.float32()}  # fmt: skip
+
+    def record_columns(self, targets) -> dict[str, list]:
+        probs = [t["probs"].float() for t in targets]
+        return {"classification.probs": [p.tolist() for p in probs], "classification.label": [int(p.argmax()) for p in probs]}
+
+    def decode_rows(self, table: pa.Table) -> list[dict[str, torch.Tensor]]:
+        return [{"probs": p} for p in self.decode_pseudo(table)]
+
+    @staticmethod
+    def batch_targets(targets) -> torch.Tensor:
+        """``{"probs"}`` dicts -> target distributions (B, K), what :meth:`loss` takes."""
+        return torch.stack([t["probs"] for t in targets])
+
+
+class PooledClassifier(nn.Module):
+    """The classification head on a feature pyramid: average-pool the coarsest map, then a linear layer."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, features) -> torch.Tensor:
+        return self.fc(features[-1].mean(dim=(2, 3)))  # (B, C, H, W) -> (B, K)
 
 
 class ClassificationMeter:

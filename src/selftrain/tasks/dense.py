@@ -131,11 +131,25 @@ class DenseTask:
     def pseudo_column_names(self) -> list[str]:
         return list(self.pseudo_schema())
 
+    def pseudo_targets(self, outputs, label_cfg) -> tuple[Targets, np.ndarray]:
+        """Teacher outputs of one batch -> pseudo target dicts and one confidence per image."""
+        targets = self.encode_pseudo(outputs, **self.pseudo_options(label_cfg))
+        return targets, np.asarray(self.record_confidence(outputs, targets), dtype=np.float32)
+
+    def human_targets(self, source, indices: np.ndarray) -> list[dict[str, torch.Tensor] | None]:
+        """The source's ground truth as target dicts (the common view of :mod:`selftrain.tasks.base`)."""
+        return list(self.load_targets(source, indices))
+
+    @staticmethod
+    def batch_targets(targets: Targets) -> Targets:
+        """A dense task's loss takes the list of target dicts as it is."""
+        return list(targets)
+
     def encode_records(self, outputs, label_cfg) -> dict[str, list]:
         """Teacher outputs of one batch -> store column values (``confidence`` included)."""
-        targets = self.encode_pseudo(outputs, **self.pseudo_options(label_cfg))
+        targets, confidence = self.pseudo_targets(outputs, label_cfg)
         columns = self.record_columns(targets)
-        columns[f"{self.name}.confidence"] = [float(c) for c in self.record_confidence(outputs, targets)]
+        columns[f"{self.name}.confidence"] = [float(c) for c in confidence]
         return columns
 
     def pseudo_table_columns(self, parts: Sequence[dict[str, list]]) -> dict[str, pa.Array]:

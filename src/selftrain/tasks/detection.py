@@ -309,7 +309,8 @@ class Detection(DenseTask):
         return {
             "detection.boxes": [t["boxes"].reshape(-1).tolist() for t in targets],
             "detection.labels": [t["labels"].tolist() for t in targets],
-            "detection.scores": [t["scores"].tolist() for t in targets],
+            # Ground-truth boxes carry no score: they weigh 1 in the loss.
+            "detection.scores": [t["scores"].tolist() if "scores" in t else [1.0] * len(t["labels"]) for t in targets],
         }
 
     def record_confidence(self, outputs, targets: Sequence[dict[str, torch.Tensor]]) -> np.ndarray:

@@ -1,0 +1,49 @@
+"""``selftrain must``: the MuST stages in one output folder, each resumable.
+
+::
+
+    OUT/
+      config.yaml, run.json      as for every run
+      must/teach/<name>/         a sub-run per teacher with spec ``train`` (teach/model.safetensors ...)
+      must/label/                the multi-task store (shard-*.parquet, skips/, manifest.json)
+      must/student/              model.safetensors + model.json, backbone.safetensors, checkpoints/, done.json
+      results.csv                teachers and student heads on the teachers' test sets (stage ``must``)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from selftrain.config import Config, ConfigError
+from selftrain.engine import build_runtime
+from selftrain.outputs import RunFolder
+
+log = logging.getLogger("selftrain.must")
+
+MUST_STAGES = ("label", "student")
+
+
+def run_must(cfg: Config, out: str | Path, *, stages: tuple[str, ...] | list[str] | None = None, resume: str = "auto") -> Path:
+    """Runs the MuST ``stages`` (default both: ``label`` trains the teachers that need it) into ``out``."""
+    from selftrain.must.label import must_label
+    from selftrain.must.student import must_student
+    from selftrain.must.transfer import must_results
+
+    if not cfg.must.teachers:
+        raise ConfigError("must.teachers: no teacher declared; MuST needs at least one (see configs/must/example.yaml)")
+    todo = tuple(stages or MUST_STAGES)
+    if unknown := [s for s in todo if s not in MUST_STAGES]:
+        raise ValueError(f"unknown MuST stages {unknown}; known: {', '.join(MUST_STAGES)}")
+    run = RunFolder(out)
+    if resume == "never" and run.root.exists() and any(run.root.iterdir()):
+        raise FileExistsError(f"{run.root} is not empty and --resume never was given")
+    run.write_provenance(cfg)
+    runtime = build_runtime(cfg.engine)
+    log.info("must %s: device %s, precision %s", run.root, runtime.device, runtime.precision)
+    if "label" in todo:
+        must_label(cfg, run, runtime)
+    if "student" in todo:
+        must_student(cfg, run, runtime)
+        must_results(cfg, run, runtime)
+    return run.root
