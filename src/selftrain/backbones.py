@@ -127,11 +127,24 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Pa
     for k in skipped:
         state.pop(k)
     result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or skipped:
+    head = _classifier_keys(model)
+    if result.missing_keys and set(result.missing_keys) <= head and not skipped:  # a backbone without its classifier
+        log.info("%s: loaded the backbone; the classifier (%s) starts fresh", path, ", ".join(sorted(head)))
+    elif result.missing_keys or skipped:
         log.warning(
             "%s: %d keys missing from the file, %d skipped for shape: %s",
             path, len(result.missing_keys), len(skipped), (result.missing_keys + skipped)[:6],
         )  # fmt: skip
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the model's classifier (timm's ``get_classifier()``), empty when it has none."""
+    get = getattr(model, "get_classifier", None)
+    classifier = get() if callable(get) else None
+    for name, module in model.named_modules():
+        if module is classifier and name:
+            return {f"{name}.{k}" for k in module.state_dict()}
+    return set()
 
 
 def build_backbone(name: str, *, num_classes: int, in_chans: int, drop_rate: float = 0.0, weights: str | None = None) -> nn.Module:

@@ -18,7 +18,7 @@ from selftrain.config import ConfigError, dump_config, load_config
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Pre-training and self-training of visual backbones: teach -> label -> student -> transfer -> report.",
+    help="Pre-training and self-training of visual backbones: pretrain -> teach -> label -> student -> transfer -> report.",
 )
 console = Console(stderr=True)
 
@@ -62,6 +62,12 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
 def run(config: ConfigArg = None, out: OutOpt = Path("runs/run"), set: SetOpt = None, resume: ResumeOpt = "auto", strict: StrictOpt = False) -> None:
     """Run the stages the config lists, in order; --resume auto continues an interrupted run."""
     _stage(None, config, out, set, resume, strict)
+
+
+@app.command()
+def pretrain(config: ConfigArg = None, out: OutOpt = Path("runs/run"), set: SetOpt = None, resume: ResumeOpt = "auto", strict: StrictOpt = False) -> None:
+    """Pre-train the backbone (supervised or SSL); model.weights: pretrain starts teach/student from it."""
+    _stage(["pretrain"], config, out, set, resume, strict)
 
 
 @app.command()

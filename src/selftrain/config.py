@@ -23,7 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 AUGMENT_STRENGTHS = ("none", "S1", "S2", "S3", "S4")
 Augment = Literal["none", "S1", "S2", "S3", "S4"]
-STAGES = ("teach", "label", "student", "transfer")
+STAGES = ("pretrain", "teach", "label", "student", "transfer")
+#: The stages a config runs unless it lists its own: pre-training is opt-in.
+DEFAULT_STAGES = ("teach", "label", "student", "transfer")
+#: ``model.weights`` value meaning "the backbone that this run's pretrain stage exported".
+PRETRAINED_BY_RUN = "pretrain"
 
 
 class ConfigError(ValueError):
@@ -78,8 +82,84 @@ class ModelConfig(_Strict):
     """The backbone (a registered name or any timm model name) and its classifier head."""
 
     backbone: str = "cnn-small"
-    weights: str | None = Field(None, description="local .safetensors/.pth file; never a hub download")
+    weights: str | None = Field(
+        None, description=f"{PRETRAINED_BY_RUN!r}: the backbone this run's pretrain stage exported; else a local "
+        ".safetensors/.pth file; never a hub download",
+    )  # fmt: skip
     drop_rate: float = Field(0.0, ge=0, lt=1)
+
+
+class SimCLROptions(_Strict):
+    """SimCLR (Chen et al. 2020): two views, NT-Xent over the batch."""
+
+    temperature: float = Field(0.5, gt=0, description="NT-Xent temperature (lightly's default)")
+
+
+class MoCoOptions(_Strict):
+    """MoCo v2 (Chen et al. 2020): momentum key encoder and a queue of negatives."""
+
+    temperature: float = Field(0.2, gt=0, description="InfoNCE temperature (MoCo v2)")
+    queue_size: int = Field(4096, ge=1, description="negatives kept from past batches")
+    momentum: float = Field(0.99, ge=0, lt=1, description="EMA decay at step 0, raised to 1 by a cosine schedule")
+
+
+class BYOLOptions(_Strict):
+    """BYOL (Grill et al. 2020): online predictor regresses a momentum target; no negatives."""
+
+    momentum: float = Field(0.99, ge=0, lt=1, description="EMA decay at step 0, raised to 1 by a cosine schedule")
+
+
+class SwAVOptions(_Strict):
+    """SwAV (Caron et al. 2020) with multi-crop; defaults are the FRL recipe (Bulat et al. 2021)."""
+
+    temperature: float = Field(0.1, gt=0)
+    prototypes: int = Field(3000, ge=2)
+    sinkhorn_epsilon: float = Field(0.05, gt=0)
+    sinkhorn_iterations: int = Field(3, ge=1)
+    global_crops: int = Field(2, ge=2, description="full-size crops; codes are computed on these")
+    local_crops: int = Field(6, ge=0, description="small crops, predicted from the global crops' codes")
+    local_size: float = Field(0.43, gt=0, le=1, description="local crop side as a fraction of the image size (96/224)")
+    global_scale: tuple[float, float] = Field((0.14, 1.0), description="area range of the global crops")
+    local_scale: tuple[float, float] = Field((0.05, 0.14), description="area range of the local crops")
+
+
+class PretrainConfig(_Strict):
+    """Pre-training of the backbone before teach: supervised on a labeled source, or self-supervised.
+
+    The exported backbone (``pretrain/backbone.safetensors``) is what ``model.weights: pretrain`` loads.
+    """
+
+    method: Literal["supervised", "simclr", "moco", "byol", "swav"] = "simclr"
+    data: str | None = Field(
+        None, description="source URI; supervised: a labeled source (required, all its labels are used); "
+        "self-supervised: any images (labels ignored), None: the run's unlabeled pool",
+    )  # fmt: skip
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(128, ge=2, description="images per step (each gives 2 or more views)")
+    augment: Augment = Field("S1", description="supervised: the augmentation strength of its single view")
+    crop_scale: tuple[float, float] = Field(
+        (0.2, 1.0), description="simclr/moco/byol: area range of the random resized crops (lightly: 0.08-1 at 224 px)"
+    )
+    jitter: float = Field(
+        0.5, ge=0, le=1, description="colour jitter strength s, applied with p 0.8: brightness, contrast (and saturation, "
+        "for RGB) 0.8 s, hue 0.2 s, as lightly's SimCLRTransform; 0.5 gives MoCo v2's 0.4/0.4/0.4/0.1",
+    )  # fmt: skip
+    blur: float = Field(0.0, ge=0, le=1, description="probability of Gaussian blur (lightly uses 0.5 at 224 px)")
+    hidden_dim: int = Field(512, ge=1, description="hidden width of the projection (and prediction) heads")
+    projection_dim: int = Field(128, ge=1, description="output width of the projection head")
+    probe: bool = Field(True, description="train a linear probe on detached features alongside, for monitoring")
+    optim: OptimConfig = OptimConfig(lr=0.06)
+    simclr: SimCLROptions = SimCLROptions()
+    moco: MoCoOptions = MoCoOptions()
+    byol: BYOLOptions = BYOLOptions()
+    swav: SwAVOptions = SwAVOptions()
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"must satisfy 0 < low <= high <= 1, got {list(value)}")
+        return value
 
 
 class TeachConfig(_Strict):
@@ -267,9 +347,10 @@ class Config(_Strict):
     name: str = "run"
     seed: int = 0
     task: str = "classification"
-    stages: list[Literal["teach", "label", "student", "transfer"]] = list(STAGES)
+    stages: list[Literal["pretrain", "teach", "label", "student", "transfer"]] = list(DEFAULT_STAGES)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     teach: TeachConfig = TeachConfig()
     label: LabelConfig = LabelConfig()
     student: StudentConfig = StudentConfig()
@@ -297,6 +378,26 @@ class Config(_Strict):
                 f"do not train it yet; tasks the stages run: {', '.join(PIPELINE_TASKS)}"
             )
         return task
+
+    @model_validator(mode="after")
+    def _pretrain_options(self) -> Config:
+        """Options of a method other than the chosen one, or missing data, are errors naming the keys."""
+        p, problems = self.pretrain, []
+        for name in ("simclr", "moco", "byol", "swav"):
+            if name != p.method and getattr(p, name).model_fields_set:
+                keys = ", ".join(f"pretrain.{name}.{k}" for k in sorted(getattr(p, name).model_fields_set))
+                problems.append(f"{keys}: options of method {name!r}, but pretrain.method is {p.method!r}")
+        if p.method == "supervised" and p.data is None:
+            problems.append("pretrain.data: supervised pre-training needs a labeled source, e.g. fashion-mnist:train")
+        if p.method != "supervised" and p.data is None and self.data.unlabeled is None and "pretrain" in self.stages:
+            problems.append("pretrain.data: self-supervised pre-training needs images; set it or data.unlabeled")
+        for key in ("global_scale", "local_scale"):
+            low, high = getattr(p.swav, key)
+            if not 0 < low <= high <= 1:
+                problems.append(f"pretrain.swav.{key}: must satisfy 0 < low <= high <= 1, got {[low, high]}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _dense_options(self) -> Config:

@@ -7,6 +7,7 @@
       run.json           package version, git commit, command line, start time
       splits/            the labeled split's image keys (repeatable runs)
       data.json          sources, sizes, skipped images (processed + skipped = total), dropped annotations
+      pretrain/          backbone.safetensors (+ .json: method, steps, probe accuracy), metrics.jsonl, checkpoints/, done.json
       teach/             model.safetensors (+ .json), metrics.jsonl, checkpoints/, done.json
       label/round-1/     the pseudo-label store: shard-*.parquet, selection.parquet, manifest.json
       student/round-1/   like teach/
@@ -36,6 +37,12 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def read_done(folder: Path) -> dict | None:
+    """The ``done.json`` a finished stage left in ``folder``, or None."""
+    done = folder / "done.json"
+    return json.loads(done.read_text()) if done.exists() else None
 
 
 class RunFolder:

@@ -1,4 +1,4 @@
-"""``run CONFIG``: the stages a config lists, in order, in one output folder.
+"""``run CONFIG``: the stages a config lists (pretrain, teach, label, student, transfer), in order, in one output folder.
 
 Every stage is resumable: finished stages leave a ``done.json`` and are skipped, an
 interrupted training stage continues from its last checkpoint, and an interrupted ``label``
@@ -150,7 +150,7 @@ def prepare_data(cfg: Config, run: RunFolder) -> PreparedData:
 
 def run_pipeline(cfg: Config, out: str | Path, *, stages: list[str] | None = None, resume: str = "auto") -> Path:
     """Runs ``stages`` (default: the config's) into ``out`` and returns the folder."""
-    from selftrain import label, student, teach, transfer
+    from selftrain import label, pretrain, student, teach, transfer
 
     run = RunFolder(out)
     if resume == "never" and run.root.exists() and any(run.root.iterdir()):
@@ -160,6 +160,8 @@ def run_pipeline(cfg: Config, out: str | Path, *, stages: list[str] | None = Non
     log.info("run %s: device %s, precision %s", run.root, runtime.device, runtime.precision)
     data = prepare_data(cfg, run)
     todo = stages or cfg.stages
+    if "pretrain" in todo:
+        pretrain.pretrain(cfg, run, data, runtime)
     if "teach" in todo:
         teach.teach(cfg, run, data, runtime)
     for round_ in range(1, cfg.student.rounds + 1):

@@ -25,6 +25,7 @@ from selftrain.engine import BatchIndices, Runtime, export_model, fit
 from selftrain.losses import LossNormalization
 from selftrain.network import Network
 from selftrain.outputs import RunFolder
+from selftrain.pretrain import resolve_weights
 from selftrain.store import PseudoLabelStore
 from selftrain.tasks import build_task
 from selftrain.teach import network_spec, read_done, teacher_for_round
@@ -72,7 +73,7 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
     spec = network_spec(cfg, data)
     seed = cfg.seed * 100 + round_
     torch.manual_seed(seed)  # the initial weights are part of what a seed fixes
-    net = Network(spec, drop_rate=s.drop_rate, weights=cfg.model.weights)
+    net = Network(spec, drop_rate=s.drop_rate, weights=resolve_weights(cfg, run))
     _initial_weights(net, s.init, run, round_)
     net.to(runtime.device)
     if runtime.channels_last:

@@ -16,7 +16,8 @@ from selftrain.atomic import atomic_write_text
 from selftrain.config import Config
 from selftrain.engine import BatchIndices, Runtime, export_model, fit
 from selftrain.network import Network, NetworkSpec, image_statistics, load_network
-from selftrain.outputs import RunFolder
+from selftrain.outputs import RunFolder, read_done
+from selftrain.pretrain import resolve_weights
 from selftrain.tasks import build_task
 
 log = logging.getLogger("selftrain.teach")
@@ -30,11 +31,6 @@ def network_spec(cfg: Config, data) -> NetworkSpec:
         backbone=cfg.model.backbone, num_classes=build_task(cfg.task, data.labeled).num_classes, channels=data.channels,
         image_size=data.image_size, mean=mean, std=std, classes=list(data.classes), task=cfg.task,
     )  # fmt: skip
-
-
-def read_done(folder: Path) -> dict | None:
-    done = folder / "done.json"
-    return json.loads(done.read_text()) if done.exists() else None
 
 
 def train_supervised(
@@ -70,7 +66,7 @@ def teach(cfg: Config, run: RunFolder, data, runtime: Runtime) -> Path:
         return weights
     spec = network_spec(cfg, data)
     torch.manual_seed(cfg.seed)  # the initial weights are part of what a seed fixes
-    net = Network(spec, drop_rate=cfg.model.drop_rate, weights=cfg.model.weights)
+    net = Network(spec, drop_rate=cfg.model.drop_rate, weights=resolve_weights(cfg, run))
     t = cfg.teach
     seconds = train_supervised(
         net, cfg, data, runtime, folder, steps=t.steps, batch_size=t.batch_size, augment=t.augment,

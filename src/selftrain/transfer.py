@@ -8,8 +8,11 @@ Protocols:
 
 ``linear`` and ``finetune`` are classification protocols (the config refuses them for dense tasks).
 
-In a run, every model of the output folder is measured: the teacher (method ``supervised``,
-round 0) and the student of each round (method ``self-training``).
+In a run, every model of the output folder is measured: the pretrain stage's backbone (method
+``pretrain``; linear and finetune only), the teacher (method ``supervised``, round 0) and the
+student of each round (method ``self-training``). The ``init`` column says where the teacher's and
+students' weights started: ``random``, ``supervised`` / ``ssl:<method>`` (``model.weights: pretrain``)
+or ``pretrained`` (a file).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from selftrain.config import Config
 from selftrain.data import Source, build_source, labeled_subset
 from selftrain.engine import Runtime
 from selftrain.network import Network, load_network
-from selftrain.outputs import RunFolder
+from selftrain.outputs import RunFolder, read_done
 from selftrain.results import ResultRow, ResultsTable
 from selftrain.tasks import build_task
 
@@ -110,31 +113,66 @@ def run_models(run: RunFolder, rounds: int) -> list[tuple[str, int, Path]]:
     return models
 
 
+def pretrained_backbone(cfg: Config, run: RunFolder, data) -> tuple[Network, dict] | None:
+    """The pretrain stage's backbone under a new classifier (for ``linear``/``finetune``) and its metadata.
+
+    None when the run has no finished pretrain stage, or only ``evaluate`` is asked for (a
+    backbone without its task's head has nothing to evaluate).
+    """
+    from selftrain.pretrain import BACKBONE_FILE
+    from selftrain.teach import network_spec
+
+    path = run.root / "pretrain" / BACKBONE_FILE
+    if not (path.exists() and read_done(path.parent)) or not set(cfg.transfer.protocols) - {"evaluate"}:
+        return None
+    torch.manual_seed(cfg.seed)
+    return Network(network_spec(cfg, data), weights=str(path)), json.loads(path.with_suffix(".json").read_text())
+
+
+def measure(net: Network, cfg: Config, data, runtime: Runtime, folder: Path, name: str, protocols: list[str]) -> dict[str, float]:
+    """The ``protocols`` metrics of ``net`` (``name`` tells fine-tuning folders apart)."""
+    task = build_task(cfg.task, data.labeled)
+    metrics: dict[str, float] = {}
+    if "evaluate" in protocols:
+        metrics.update(evaluate(net, task, data.test, data.test_idx, runtime, cfg.engine.eval_batch_size))
+    if "linear" in protocols:
+        src = data.labeled if cfg.transfer.data is None else build_source(cfg.transfer.data, image_size=data.image_size, channels=data.channels)
+        idx = labeled_subset(src.labels, cfg.transfer.label_fraction, cfg.seed)
+        probe = linear_probe(net, task, (src, idx), (data.test, data.test_idx), runtime, steps=cfg.transfer.steps, lr=cfg.transfer.linear_lr, seed=cfg.seed)
+        metrics.update({f"linear.{k}": v for k, v in probe.items()})
+    if "finetune" in protocols:
+        tuned = finetune(net, cfg, data, runtime, folder / f"finetune-{name}")
+        metrics.update({f"finetune.{k}": v for k, v in tuned.items()})
+    return metrics
+
+
 def transfer(cfg: Config, run: RunFolder, data, runtime: Runtime) -> list[ResultRow]:
-    """Measures every model of the run with the configured protocols; rows go to results.csv."""
+    """Measures every model of the run with the configured protocols; rows go to results.csv.
+
+    A finished pretrain stage's backbone is measured too (``linear``/``finetune`` only), as
+    method ``pretrain`` with its own init (``supervised`` or ``ssl:<method>``).
+    """
+    from selftrain.pretrain import init_name, pretrain_name
+
     if data.test is None:
         raise ValueError("transfer: the config has no held-out test set (data.test)")
     folder = run.stage("transfer")
-    task = build_task(cfg.task, data.labeled)
     rows: list[ResultRow] = []
+    common = dict(stage="transfer", task=cfg.task, dataset=cfg.data.test, label_fraction=cfg.data.label_fraction, seed=cfg.seed)
+    pretrained = pretrained_backbone(cfg, run, data)
+    if pretrained is not None:
+        net, meta = pretrained
+        augment = cfg.pretrain.augment if cfg.pretrain.method == "supervised" else "ssl"
+        metrics = measure(net, cfg, data, runtime, folder, "pretrain", [p for p in cfg.transfer.protocols if p != "evaluate"])
+        base = dict(method="pretrain", init=pretrain_name(cfg), augment=augment, round=0, seconds=round(float(meta.get("seconds", 0.0)), 2), **common)
+        rows += [ResultRow(metric=k, value=round(float(v), 4), **base) for k, v in metrics.items()]
+        log.info("transfer: pretrain (%s): %s", pretrain_name(cfg), ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     for method, round_, path in run_models(run, cfg.student.rounds):
         net = load_network(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         augment = cfg.teach.augment if round_ == 0 else cfg.student.augment
-        base = dict(stage="transfer", method=method, init="random" if cfg.model.weights is None else "pretrained",
-                    augment=augment, task=cfg.task, dataset=cfg.data.test, label_fraction=cfg.data.label_fraction,
-                    seed=cfg.seed, round=round_, seconds=round(float(meta.get("seconds", 0.0)), 2))  # fmt: skip
-        metrics: dict[str, float] = {}
-        if "evaluate" in cfg.transfer.protocols:
-            metrics.update(evaluate(net, task, data.test, data.test_idx, runtime, cfg.engine.eval_batch_size))
-        if "linear" in cfg.transfer.protocols:
-            src = data.labeled if cfg.transfer.data is None else build_source(cfg.transfer.data, image_size=data.image_size, channels=data.channels)
-            idx = labeled_subset(src.labels, cfg.transfer.label_fraction, cfg.seed)
-            probe = linear_probe(net, task, (src, idx), (data.test, data.test_idx), runtime, steps=cfg.transfer.steps, lr=cfg.transfer.linear_lr, seed=cfg.seed)
-            metrics.update({f"linear.{k}": v for k, v in probe.items()})
-        if "finetune" in cfg.transfer.protocols:
-            tuned = finetune(net, cfg, data, runtime, folder / f"finetune-{method}-r{round_}")
-            metrics.update({f"finetune.{k}": v for k, v in tuned.items()})
+        base = dict(method=method, init=init_name(cfg), augment=augment, round=round_, seconds=round(float(meta.get("seconds", 0.0)), 2), **common)
+        metrics = measure(net, cfg, data, runtime, folder, f"{method}-r{round_}", cfg.transfer.protocols)
         rows += [ResultRow(metric=k, value=round(float(v), 4), **base) for k, v in metrics.items()]
         log.info("transfer: %s (round %d): %s", method, round_, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     ResultsTable(run.results).add(rows)

