@@ -36,6 +36,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -289,6 +290,44 @@ def _relabel(rows: list[ResultRow], cell: Cell) -> list[ResultRow]:
     return out
 
 
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-links (or copies) the files of a finished stage folder; checkpoints are not needed."""
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if path.is_dir() or "checkpoints" in rel.parts or ".tmp-" in path.name:
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)
+
+
+def _reuse(out: Path, cell: Cell) -> dict[str, str]:
+    """Stages another cell already ran with the same config, linked into ``cell``'s folder.
+
+    The teacher depends only on (init, augment, label fraction, seed), so every method's cell
+    of one grid point trains the same one; the pseudo labels of the teacher are shared too.
+    Files are reused only from stages that finished (``done.json``, a complete store).
+    """
+    folder, reused = cell_folder(out, cell), {}
+    if "teach" in _STAGES[cell.method] and not (folder / "teach" / "done.json").exists():
+        for method in METHODS:
+            other = cell_folder(out, Cell(cell.init, cell.augment, cell.label_fraction, method, cell.seed))
+            if other != folder and (other / "teach" / "done.json").exists():
+                _link_tree(other / "teach", folder / "teach")
+                reused["teach"] = other.name
+                break
+    if cell.method == "pretrain+self-training" and not (folder / "label" / "round-1" / "manifest.json").exists():
+        other = cell_folder(out, Cell(cell.init, cell.augment, cell.label_fraction, "self-training", cell.seed))
+        if (other / "label" / "round-1" / "manifest.json").exists() and reused.get("teach") == other.name:
+            _link_tree(other / "label" / "round-1", folder / "label" / "round-1")
+            reused["label"] = other.name
+    return reused
+
+
 def run_cell(out: Path, base: dict[str, Any], cell: Cell) -> dict:
     """Runs (or resumes) one cell and writes its ``cell.json`` last; returns that record."""
     from selftrain.pipeline import run_pipeline
@@ -298,9 +337,11 @@ def run_cell(out: Path, base: dict[str, Any], cell: Cell) -> dict:
         return done
     folder = cell_folder(out, cell)
     start = time.time()
-    run_pipeline(cell_config(base, cell, out), folder)
+    cfg = cell_config(base, cell, out)
+    reused = _reuse(out, cell) if cfg.student.rounds == 1 else {}
+    run_pipeline(cfg, folder)
     rows = _relabel(read_results(folder / "results.csv"), cell)
-    record = {"id": cell.id, **cell.axes(), "seconds": round(time.time() - start, 2),
+    record = {"id": cell.id, **cell.axes(), "seconds": round(time.time() - start, 2), "reused": reused,
               "rows": [r.as_dict() for r in rows]}  # fmt: skip
     atomic_write_text(folder / "cell.json", json.dumps(record, indent=1))
     return record
@@ -389,7 +430,8 @@ def run_study(study: StudyConfig, base: dict[str, Any], out: str | Path, *, jobs
     cells = validate(study, base, out)
     out.mkdir(parents=True, exist_ok=True)
     _write_study(out, _study_record(study, base, cells))
-    todo = [c for c in cells if finished(out, c) is None]
+    # Methods in order, so a self-training cell finds the teacher of its finetune cell finished.
+    todo = sorted((c for c in cells if finished(out, c) is None), key=lambda c: METHODS.index(c.method))
     log.info("study %s: %d cells, %d finished, %d to run", study.name, len(cells), len(cells) - len(todo), len(todo))
     _pretrain(out, base, todo)
     jobs = jobs or study.jobs
