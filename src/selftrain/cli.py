@@ -169,6 +169,26 @@ def curate(
     console.print(f"de-duplicated pool: {report['kept_pool']} ({out / 'curate.json'})")
 
 
+@app.command()
+def study(
+    config: Annotated[Path, typer.Argument(help="study YAML: base (a run config or its path), grid, jobs")],
+    out: OutOpt = Path("runs/study"),
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="cells run in parallel processes (default: the study's jobs)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells with a cost estimate from a short timing probe; train nothing")] = False,
+    set: SetOpt = None,
+) -> None:
+    """Run a grid of init x augmentation x label fraction x method x seed (Zoph et al. 2020), resumably."""
+    from selftrain.study import dry_run as plan_study, format_plan, load_study, run_study
+
+    spec, base = load_study(config, list(set or []))
+    if dry_run:
+        typer.echo(format_plan(plan_study(spec, base, out, jobs=jobs)))
+        return
+    result = run_study(spec, base, out, jobs=jobs)
+    console.print(f"[green]done[/green]: {len(result['ran'])} cell(s) run, {len(result['cells'])} in all; "
+                  f"{result['rows']} rows in {out / 'results.csv'}; report: {out / 'report.html'}")  # fmt: skip
+
+
 @app.command("config")
 def show_config(config: ConfigArg = None, set: SetOpt = None) -> None:
     """Print the resolved config (defaults filled in, overrides applied)."""
@@ -190,6 +210,6 @@ def main() -> None:
     except ConfigError as err:
         console.print(f"[red]config error[/red]: {err}")
         sys.exit(2)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
         console.print(f"[red]error[/red]: {err}")
         sys.exit(1)

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -210,7 +211,10 @@ class StudentConfig(_Strict):
     alpha: float = Field(1.0, ge=0, description="weight of the pseudo-label loss")
     average_decay: float = Field(0.99, ge=0, lt=1, description="decay of the loss moving averages")
     drop_rate: float = Field(0.3, ge=0, lt=1, description="student dropout (noise)")
-    init: str = Field("scratch", description="scratch | teacher | path to a checkpoint")
+    init: str = Field(
+        "scratch", description="scratch: model.weights (random without them) | random: fresh weights even when "
+        "model.weights is set (a study's self-training from a pre-trained teacher) | teacher | path to a checkpoint",
+    )  # fmt: skip
     rounds: int = Field(1, ge=1, description="the student of round r teaches round r+1")
     optim: OptimConfig = OptimConfig(lr=0.1)
 
@@ -498,7 +502,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple = (), source: str = "<dict>") -> Config:
     """Validates a raw mapping (plus overrides) into a :class:`Config`."""
-    raw = dict(raw or {})
+    raw = copy.deepcopy(dict(raw or {}))  # overrides write into nested sections: never the caller's
     for override in overrides:
         apply_override(raw, override)
     try:

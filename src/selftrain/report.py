@@ -42,13 +42,19 @@ _LOWER_NOTE = (
     f"For a metric where lower is better ({', '.join(sorted(LOWER_IS_BETTER - {'loss'}))}), "
     "a negative Δ is the improvement."
 )
+_STUDY_NOTE = (
+    "Each cell: mean ± std over seeds (n seeds); Δ: difference of means against the random-init supervised "
+    "(finetune) line at the same augmentation and label fraction, over the seeds both have, ± the sample std "
+    "of the per-seed differences. Methods: supervised = the teacher alone (finetune cells); self-training = "
+    "teacher from the init, student from random weights; pretrain+self-training = both from the init."
+)
 #: Metrics stored in percent, shown with two decimals.
 _PERCENT = ("top", "acc", "miou", "ap", "delta1", "pixel_acc", "coverage", "nme")
 _CSS = """body{font-family:system-ui,sans-serif;max-width:75rem;margin:2rem auto;padding:0 1rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0 1.5rem}caption{text-align:left;font-weight:600;padding:.3rem 0}
 th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}.n{color:#888;font-size:.8em}
-figure{margin:1rem 0}img{max-width:100%;border:1px solid #eee}"""
+figure{margin:1rem 0}img{max-width:100%;border:1px solid #eee}.finding{margin:.6rem 0}"""
 
 
 @dataclass
@@ -413,7 +419,7 @@ def _html_table(grid: _Grid) -> str:
 def format_table(summary: dict[str, Any]) -> str:
     """The main tables of a :func:`build_report` summary as aligned plain text."""
     blocks = []
-    for grid in _grids(summary):
+    for grid in summary.get("rethinking") or _grids(summary):
         texts = [grid.header] + [[c.plain() for c in row] for row in grid.rows]
         widths = [max(len(r[i]) for r in texts) for i in range(len(grid.header))]
         lines = ["  ".join(t.ljust(w) for t, w in zip(r, widths)).rstrip() for r in texts]
@@ -435,7 +441,14 @@ def _sections(doc: dict[str, Any], markdown: bool) -> list[str]:
     note = _DELTA_NOTE if doc["grids"] else "No results."
     if any("(lower is better)" in g.caption for g in doc["grids"]):
         note += " " + _LOWER_NOTE
-    out = [h2("Results"), *[table(g) for g in doc["grids"]], para(note)]
+    if "findings" in doc:
+        from selftrain.rethinking import findings_markup
+
+        note = _STUDY_NOTE if doc["grids"] else "No results."
+        out = [h2("Rethinking table"), *[table(g) for g in doc["grids"]], para(note)]
+        out += [h2("Findings"), *(findings_markup(doc["findings"], markdown) or [para("No results.")])]
+    else:
+        out = [h2("Results"), *[table(g) for g in doc["grids"]], para(note)]
     out.append(h2("Pseudo-label statistics"))
     no_labels = "No pseudo-label manifest with statistics was found."
     out.append(table(doc["labels"]) if doc["labels"].rows else para(no_labels))
@@ -490,20 +503,40 @@ def build_report(out_dir: str | Path, *, title: str | None = None) -> dict[str, 
     out = Path(out_dir)
     if not out.is_dir():
         raise FileNotFoundError(f"no such output folder: {out}")
+    from selftrain import rethinking
+
     notes: list[str] = []
-    rows = read_results(out)
+    study = rethinking.read_study(out)
+    # A study's results.csv is built from its cells' rows relabeled in study terms: it alone counts.
+    rows = read_results(out) if study is None else read_results(out / "results.csv") if (out / "results.csv").exists() else []
     labels, curves = _load_manifests(out, notes), _load_curves(out, notes)
     table, deltas = main_table(rows)
     summary: dict[str, Any] = {"table": table, "deltas": deltas}
-    plots = {
-        "accuracy": _Plot("accuracy per method", _plot_accuracy(summary), "no rows in any results.csv"),
-        "confidence": _Plot("pseudo-label confidence", _plot_confidence(labels),
-                            "no label manifest with a confidence histogram"),
-        "curves": _Plot("training curves", _plot_curves(curves), "no metrics.jsonl with loss or eval_top1 values"),
-    }  # fmt: skip
+    doc = {"grids": _grids(summary), "labels": _labels_grid(labels), "notes": notes}
+    if study is None:
+        plots = {
+            "accuracy": _Plot("accuracy per method", _plot_accuracy(summary), "no rows in any results.csv"),
+            "confidence": _Plot("pseudo-label confidence", _plot_confidence(labels),
+                                "no label manifest with a confidence histogram"),
+            "curves": _Plot("training curves", _plot_curves(curves), "no metrics.jsonl with loss or eval_top1 values"),
+        }  # fmt: skip
+    else:
+        settings = rethinking.settings(rows)
+        found = rethinking.findings(settings)
+        doc.update(grids=rethinking.rethinking_grids(settings), findings=found)
+        summary["rethinking"] = doc["grids"]
+        summary["findings"] = [{"setting": s.caption, **vars(f)} for s, items in found for f in items]
+        plots = {
+            "accuracy": _Plot("accuracy against label fraction per method and init",
+                              rethinking.plot_accuracy(settings), "no rows in results.csv"),
+            "pseudo_labels": _Plot("pseudo-label accuracy and confidence (self-training cells)",
+                                   rethinking.plot_pseudo_labels(labels, study), "no self-training cell with a label manifest"),
+            "curves": _Plot("training curves, mean over seeds and label fractions",
+                            _plot_curves(rethinking.study_curves(curves, study)), "no finished cell with metrics.jsonl"),
+        }  # fmt: skip
+    doc["plots"] = plots
     paths = {"md": str(out / "report.md"), "html": str(out / "report.html"), **_write_plots(out, plots)}
     title = title or f"selftrain report: {out.resolve().name}"
-    doc = {"grids": _grids(summary), "labels": _labels_grid(labels), "plots": plots, "notes": notes}
     intro = describe(rows)
     md = "\n\n".join([f"# {title}", intro, *_sections(doc, markdown=True)]) + "\n"
     body = "\n".join([f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>", *_sections(doc, False)])

@@ -53,7 +53,7 @@ def pseudo_records(store_dir: Path, task):
 
 
 def _initial_weights(net: Network, init: str, run: RunFolder, round_: int) -> None:
-    if init == "scratch":
+    if init in ("scratch", "random"):
         return
     path = teacher_for_round(run, round_) if init == "teacher" else Path(init)
     net.load_state_dict(read_state_dict(path), strict=init == "teacher")
@@ -73,7 +73,7 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
     spec = network_spec(cfg, data)
     seed = cfg.seed * 100 + round_
     torch.manual_seed(seed)  # the initial weights are part of what a seed fixes
-    net = Network(spec, drop_rate=s.drop_rate, weights=resolve_weights(cfg, run))
+    net = Network(spec, drop_rate=s.drop_rate, weights=None if s.init == "random" else resolve_weights(cfg, run))
     _initial_weights(net, s.init, run, round_)
     net.to(runtime.device)
     if runtime.channels_last:
