@@ -388,8 +388,12 @@ class Config(_Strict):
         """Options of a method other than the chosen one, or missing data, are errors naming the keys."""
         p, problems = self.pretrain, []
         for name in ("simclr", "moco", "byol", "swav"):
-            if name != p.method and getattr(p, name).model_fields_set:
-                keys = ", ".join(f"pretrain.{name}.{k}" for k in sorted(getattr(p, name).model_fields_set))
+            options = getattr(p, name)
+            default = type(options)()
+            # A saved config writes every default out; only values that differ mean something.
+            changed = [k for k in sorted(options.model_fields_set) if getattr(options, k) != getattr(default, k)]
+            if name != p.method and changed:
+                keys = ", ".join(f"pretrain.{name}.{k}" for k in changed)
                 problems.append(f"{keys}: options of method {name!r}, but pretrain.method is {p.method!r}")
         if p.method == "supervised" and p.data is None:
             problems.append("pretrain.data: supervised pre-training needs a labeled source, e.g. fashion-mnist:train")
