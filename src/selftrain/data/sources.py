@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger("selftrain.data")
 
-KNOWN_SCHEMES = ("fashion-mnist", "mnist", "idx", "imagefolder", "scenes", "coco", "voc", "depth", "keypoints")
+KNOWN_SCHEMES = ("fashion-mnist", "idx", "imagefolder", "scenes", "coco", "voc", "depth", "keypoints", "mnist")
 
 # Progress bars for a few hundred images are noise in logs.
 _PROGRESS_MIN_ITEMS = 1000
