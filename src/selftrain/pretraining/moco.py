@@ -18,8 +18,8 @@ from selftrain.pretraining import METHODS, Method
 class MoCo(Method):
     """A query encoder, a momentum key encoder, and a queue of past keys as negatives.
 
-    The queue is lightly's memory bank inside the loss, a buffer of this module, so it is saved
-    and restored with every checkpoint. The EMA decay follows a cosine from
+    The queue is lightly's memory bank inside the loss, made a persistent buffer here, so it is
+    saved and restored with every checkpoint. The EMA decay follows a cosine from
     ``pretrain.moco.momentum`` to 1.
     """
 
@@ -33,6 +33,10 @@ class MoCo(Method):
         self.criterion = NTXentLoss(
             temperature=cfg.moco.temperature, memory_bank_size=(cfg.moco.queue_size, cfg.projection_dim)
         )
+        # lightly keeps the queue out of state_dict (non-persistent buffers); a resumed run needs it.
+        bank = self.criterion.memory_bank
+        for name in ("bank", "bank_ptr"):
+            bank.register_buffer(name, getattr(bank, name), persistent=True)
 
     def loss(self, views, labels, step):
         m = cosine_schedule(step, self.steps, self.cfg.moco.momentum, 1.0)
