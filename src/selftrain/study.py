@@ -414,8 +414,9 @@ def merge_results(out: Path, cells: list[Cell]) -> int:
     rows = [ResultRow(**r) for c in cells if (done := finished(out, c)) for r in done["rows"]]
     path = out / "results.csv"
     path.unlink(missing_ok=True)  # rebuilt, never appended to: the file is a function of the cells
-    ResultsTable(path).add(rows)
-    return len(rows)
+    table = ResultsTable(path)
+    table.add(rows)  # one row per identity: a teacher shared by several cells counts once
+    return len(table.rows())
 
 
 def run_study(study: StudyConfig, base: dict[str, Any], out: str | Path, *, jobs: int | None = None) -> dict:
@@ -552,8 +553,9 @@ def dry_run(study: StudyConfig, base: dict[str, Any], out: str | Path, *, jobs: 
     """Lists the cells with a cost estimate from a timing probe; trains nothing, writes nothing.
 
     Each cell's estimate is the probe's setup time plus its per-step and per-image costs times
-    the cell's steps and pool (plus a child process start when ``jobs > 1``). Finished cells
-    of an existing study in ``out`` are listed as done and cost nothing.
+    the cell's steps and pool (plus a child process start when ``jobs > 1``); a cell that
+    reuses the teacher (and pseudo labels) of an earlier cell of its grid point does not pay
+    for them. Finished cells of an existing study in ``out`` are listed as done and cost nothing.
     """
     out = Path(out)
     cells = validate(study, base, out)
@@ -562,21 +564,28 @@ def dry_run(study: StudyConfig, base: dict[str, Any], out: str | Path, *, jobs: 
     costs = {a: probe_costs(study, base, a, threads) for a in dict.fromkeys(c.augment for c in cells)}
     pools = {f: _pool_size(base, f) for f in study.grid.label_fraction}
     startup = _startup_seconds() if jobs > 1 else 0.0
-    rows, pending = [], []
-    for cell in cells:
+    rows, pending, teachers = [], [], set()
+    for cell in sorted(cells, key=lambda c: METHODS.index(c.method)):  # the order cells run in
         cfg, c = cell_config(base, cell, out), costs[cell.augment]
-        seconds = startup + c.setup + c.teach_step * cfg.teach.steps + c.transfer_model
+        point = (cell.init, cell.augment, cell.label_fraction, cell.seed)
+        shared = point in teachers and cfg.student.rounds == 1  # teacher (and labels) of a sibling cell
+        teachers.add(point)
+        seconds = startup + c.setup + c.transfer_model + (0.0 if shared else c.teach_step * cfg.teach.steps)
         if "student" in cfg.stages:
-            per_round = c.label_image * pools[cell.label_fraction] + c.student_step * cfg.student.steps + c.transfer_model
-            seconds += per_round * cfg.student.rounds
+            labels = 0.0 if shared and cell.method == "pretrain+self-training" else c.label_image * pools[cell.label_fraction]
+            seconds += labels + (c.student_step * cfg.student.steps + c.transfer_model) * cfg.student.rounds
+            seconds += c.label_image * pools[cell.label_fraction] * (cfg.student.rounds - 1)
         status = "done" if finished(out, cell) else "to run"
         if status == "to run":
             pending.append(seconds)
         rows.append({"id": cell.id, **cell.axes(), "teach_steps": cfg.teach.steps,
                      "student_steps": cfg.student.steps if "student" in cfg.stages else 0,
                      "seconds": seconds, "status": status})  # fmt: skip
+    order = {c.id: i for i, c in enumerate(cells)}
+    rows.sort(key=lambda r: order[r["id"]])
     pretrain = sorted({c.pretrain_run for c in cells if c.pretrain_run})
-    return {"cells": rows, "jobs": jobs, "threads": threads, "serial_seconds": sum(pending),
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cells": rows, "jobs": jobs, "threads": threads, "load_average": load, "cpus": os.cpu_count(), "serial_seconds": sum(pending),
             "wall_seconds": _makespan(pending, jobs), "probe": {a: vars(c) for a, c in costs.items()},
             "pretrain_runs_not_estimated": pretrain}  # fmt: skip
 
@@ -594,6 +603,9 @@ def format_plan(plan: dict) -> str:
         f"{len(plan['cells'])} cells, {todo} to run: estimated {plan['wall_seconds'] / 60:.0f} min on "
         f"{plan['jobs']} job(s) of {plan['threads']} thread(s) ({plan['serial_seconds'] / 60:.0f} min of cell time)"
     )
+    if plan.get("load_average") is not None:
+        lines.append(f"measured with a load average of {plan['load_average']:.1f} on {plan['cpus']} CPUs: "
+                     "other work on the machine slows the probe and the study alike")  # fmt: skip
     if plan["pretrain_runs_not_estimated"]:
         lines.append(f"plus {len(plan['pretrain_runs_not_estimated'])} pretraining run(s), not in the estimate")
     return "\n".join(lines)
