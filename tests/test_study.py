@@ -17,9 +17,8 @@ import yaml
 
 from conftest import tiny_overrides
 from selftrain.config import STAGES, ConfigError, apply_override
-from selftrain.study import (
-    Cell, cell_config, cell_folder, dry_run, finished, format_plan, load_study, plan_cells, run_study,
-)  # fmt: skip
+from selftrain.dryrun import dry_run, format_plan
+from selftrain.study import Cell, cell_config, cell_folder, finished, load_study, plan_cells, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs" / "study" / "rethinking-fashion.yaml"

@@ -182,16 +182,22 @@ def _verdict(claim: str, what: str, comparisons: list[tuple[str, dict[int, float
     return Finding(claim, verdict, summary, details)
 
 
-def _self_training_helps(s: Setting) -> Finding:
-    claim = "Self-training helps at every label fraction under strong augmentation (S3/S4)."
+def _over_supervised(s: Setting, method: str, inits: list[str], augments: list[str]) -> list[tuple[str, dict[int, float]]]:
+    """``method`` against the supervised line of the same init, at every grid point both have."""
     comparisons = []
-    for augment in [a for a in s.axis(2) if a in STRONG_AUGMENT]:
-        for init in s.axis(1):
+    for augment in augments:
+        for init in inits:
             for f in s.axis(3):
-                key = ("self-training", init, augment, f)
+                key = (method, init, augment, f)
                 gain = s.gain(key, (BASELINE_METHOD, init, augment, f))
                 if gain:
                     comparisons.append((_where(key), gain))
+    return comparisons
+
+
+def _self_training_helps(s: Setting) -> Finding:
+    claim = "Self-training helps at every label fraction under strong augmentation (S3/S4)."
+    comparisons = _over_supervised(s, "self-training", s.axis(1), [a for a in s.axis(2) if a in STRONG_AUGMENT])
     missing = ("the grid needs self-training and finetune cells with S3 or S4 "
                f"(it has {', '.join(s.axis(2))})")  # fmt: skip
     return _verdict(claim, "self-training minus supervised, same init", comparisons, s.metric, missing)
@@ -233,14 +239,7 @@ def _pretraining_hurts(s: Setting) -> Finding:
 
 def _self_training_on_pretraining(s: Setting) -> Finding:
     claim = "Self-training improves a pre-trained init."
-    comparisons = []
-    for init in [i for i in s.axis(1) if i != "random"]:
-        for augment in s.axis(2):
-            for f in s.axis(3):
-                key = ("pretrain+self-training", init, augment, f)
-                gain = s.gain(key, (BASELINE_METHOD, init, augment, f))
-                if gain:
-                    comparisons.append((_where(key), gain))
+    comparisons = _over_supervised(s, "pretrain+self-training", [i for i in s.axis(1) if i != "random"], s.axis(2))
     missing = "the grid needs pretrain+self-training and finetune cells with a pre-trained init"
     return _verdict(claim, "pretrain+self-training minus supervised, same init", comparisons, s.metric, missing)
 
