@@ -124,6 +124,29 @@ def test_study_runs_cells_reuses_teachers_and_resumes_without_rerunning(tmp_path
         run_study(other, base, out)
 
 
+def test_pretrained_init_cells_share_the_teacher_and_its_pseudo_labels(tmp_path, small_idx):
+    import torch
+
+    from selftrain.backbones import build_backbone
+    from selftrain.checkpoint import save_weights
+
+    torch.manual_seed(0)
+    save_weights(tmp_path / "backbone.safetensors", build_backbone("cnn-tiny", num_classes=10, in_chans=1).state_dict())
+    methods = ["finetune", "self-training", "pretrain+self-training"]
+    path = _write_study(tmp_path / "s.yaml", _base(small_idx), init=["pretrained:backbone.safetensors"], method=methods)
+    study, base = load_study(path)
+    out = tmp_path / "out"
+    run_study(study, base, out)
+    ft, st, pst = (finished(out, c) for c in plan_cells(study))
+    assert st["reused"] == {"teach": ft["id"]} and pst["reused"] == {"teach": ft["id"], "label": st["id"]}
+    top1 = {(r["method"], r["round"]): r for r in _rows(out / "results.csv") if r["metric"] == "top1"}
+    assert set(top1) == {("supervised", "0"), ("self-training", "1"), ("pretrain+self-training", "1")}
+    assert {r["init"] for r in top1.values()} == {"pretrained"}
+    # pretrain+self-training's student starts from the weights file, self-training's from random weights
+    assert yaml.safe_load((cell_folder(out, plan_cells(study)[2]) / "config.yaml").read_text())["student"]["init"] == "scratch"
+    assert yaml.safe_load((cell_folder(out, plan_cells(study)[1]) / "config.yaml").read_text())["student"]["init"] == "random"
+
+
 def test_dry_run_lists_every_cell_with_an_estimate_and_trains_nothing(tmp_path, small_idx):
     study, base = load_study(_write_study(tmp_path / "s.yaml", _base(small_idx), augment=["S1", "S4"]))
     out = tmp_path / "out"

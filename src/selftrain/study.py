@@ -314,7 +314,9 @@ def _reuse(out: Path, cell: Cell) -> dict[str, str]:
                 break
     if cell.method == "pretrain+self-training" and not (folder / "label" / "round-1" / "manifest.json").exists():
         other = cell_folder(out, Cell(cell.init, cell.augment, cell.label_fraction, "self-training", cell.seed))
-        if (other / "label" / "round-1" / "manifest.json").exists() and reused.get("teach") == other.name:
+        same_teacher = [f / "teach" / "model.safetensors" for f in (folder, other)]
+        if (other / "label" / "round-1" / "manifest.json").exists() and all(p.exists() for p in same_teacher) \
+                and os.path.samefile(*same_teacher):
             _link_tree(other / "label" / "round-1", folder / "label" / "round-1")
             reused["label"] = other.name
     return reused
