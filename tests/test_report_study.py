@@ -138,7 +138,7 @@ def test_rethinking_table_and_findings(tmp_path):
     assert "3 of 4 comparisons positive" in improves["summary"]
     md = (out / "report.md").read_text()
     assert "## Rethinking table" in md and "## Findings" in md and "*not supported*" in md
-    assert set(summary["skipped_plots"]) == {"pseudo_labels", "curves"}  # no cell folders with manifests/curves
+    assert set(summary["skipped_plots"]) == {"pseudo_labels", "confidence", "curves"}  # no cell folders with manifests/curves
     assert Path(summary["paths"]["accuracy"]).read_bytes().startswith(b"\x89PNG")
     assert "Rethinking table, self-training" in format_table(summary)
 

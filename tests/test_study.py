@@ -114,6 +114,8 @@ def test_study_runs_cells_reuses_teachers_and_resumes_without_rerunning(tmp_path
     assert [c["id"] for c in study_json["cells"]] == [c.id for c in cells]
     html = (out / "report.html").read_text()
     assert "Rethinking table" in html and "Findings" in html
+    for plot in ("accuracy", "pseudo_labels", "confidence", "curves"):  # every study plot has its inputs here
+        assert (out / "plots" / f"{plot}.png").read_bytes().startswith(b"\x89PNG"), plot
 
     stamps = {c.id: (cell_folder(out, c) / "cell.json").stat().st_mtime_ns for c in cells}
     again = run_study(study, base, out)

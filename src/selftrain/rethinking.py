@@ -271,6 +271,15 @@ def findings_markup(found: list[tuple[Setting, list[Finding]]], markdown: bool) 
 # ----------------------------------------------------------------------------- plots
 
 
+def _fraction_axis(ax: Any, fractions: list[float], label: str) -> None:
+    """Label fractions as percentages, on a log axis when they span 5x or more."""
+    if len(fractions) > 1 and fractions[-1] / fractions[0] >= 5:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(fractions, [format_fraction(f) for f in fractions])
+    ax.set_xlabel(label)
+
+
 def plot_accuracy(all_settings: list[Setting]) -> bytes | None:
     """Accuracy against label fraction, one line per (method, init), one panel per augmentation."""
     panels = [(s, a) for s in all_settings for a in s.axis(2)]
@@ -286,10 +295,7 @@ def plot_accuracy(all_settings: list[Setting]) -> bytes | None:
             dash = ("-", "--", ":")[STUDY_METHODS.index(method)] if method in STUDY_METHODS else "-."
             style = {"color": f"C{s.axis(1).index(init) % 10}", "ls": dash}  # colour: init; dashes: method
             ax.errorbar(xs, [p[1][0] for p in points], [p[1][1] for p in points], marker="o", capsize=3, label=f"{method}, {init}", **style)
-        if len(s.axis(3)) > 1 and s.axis(3)[-1] / s.axis(3)[0] >= 5:
-            ax.set_xscale("log")
-        ax.set_xticks(s.axis(3), [format_fraction(f) for f in s.axis(3)])
-        ax.set_xlabel("label fraction")
+        _fraction_axis(ax, s.axis(3), "label fraction")
         ax.set_ylabel(f"{s.metric} (mean ± std over seeds)")
         ax.set_title(f"{augment}: {s.dataset} ({s.stage})", fontsize=9)
         ax.legend(fontsize=7)
@@ -322,11 +328,23 @@ def plot_pseudo_labels(labels: list[_Labels], study: dict[str, Any]) -> bytes | 
             ys = [np.mean(by_fraction[f][name]) * (100 if name == "accuracy_all" else 1) for f in xs]
             if xs:
                 ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=f"{init}, {augment}")
-        ax.set_xlabel("label fraction (teacher's labels)")
+        _fraction_axis(ax, sorted({f for by in points.values() for f in by}), "label fraction (teacher's labels)")
         ax.set_ylabel(f"{label}, mean over seeds")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def study_labels(labels: list[_Labels], study: dict[str, Any]) -> list[_Labels]:
+    """The self-training cells' label manifests, named by grid point so that seeds sum in one panel."""
+    cells = _cells_by_run(study)
+    out = []
+    for m in labels:
+        cell = cells.get(m.run)
+        if cell is not None and cell["method"] == "self-training":
+            point = f"{cell['init']}, {cell['augment']}, {format_fraction(cell['label_fraction'])} labels"
+            out.append(_Labels(m.seed, m.round, point, m.stats))
+    return out
 
 
 def study_curves(curves: list[_Curve], study: dict[str, Any]) -> list[_Curve]:

@@ -132,7 +132,7 @@ class Cell:
 
     @property
     def id(self) -> str:
-        init = "pretrained" if self.init.startswith("pretrained:") else self.init.replace(":", "-")
+        init = self.init_label.replace(":", "-")
         return f"{init}_{self.augment}_f{self.label_fraction:g}_{self.method}_seed{self.seed}"
 
     @property
@@ -143,7 +143,7 @@ class Cell:
     @property
     def pretrain_run(self) -> str | None:
         """The shared pretraining run folder (relative to the study) this cell's weights come from."""
-        if self.init in ("random",) or self.init.startswith("pretrained:"):
+        if self.init == "random" or self.init.startswith("pretrained:"):
             return None
         return f"pretrain/{self.init.replace(':', '-')}-seed{self.seed}"
 
