@@ -174,6 +174,24 @@ def _launch(args: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "selftrain", *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
 
 
+def _assert_no_cell_process_survives(out: Path) -> None:
+    """Child processes of a killed study die with it: none may keep writing into a cell."""
+    deadline = time.time() + 10
+    while True:
+        alive = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"selftrain.study" in cmdline and str(out).encode() in cmdline:
+                alive.append(proc.name)
+        if not alive or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert not alive, f"cell processes outlived the killed study: {alive}"
+
+
 @pytest.mark.slow
 def test_sigkilled_study_resumes_without_rerunning_finished_cells(tmp_path, small_idx):
     """Real subprocesses killed with SIGKILL at random points end with the uninterrupted rows."""
@@ -188,14 +206,16 @@ def test_sigkilled_study_resumes_without_rerunning_finished_cells(tmp_path, smal
     seen: dict[str, tuple[int, int]] = {}
     kills = 0
     for attempt in range(12):
-        proc = _launch(["study", str(path), "--out", str(out)], tmp_path / "study.log")
         kill = attempt < 3  # three kills at random moments (the interpreter starts in ~3 s), then let it finish
+        jobs = ["--jobs", "2"] if kill and attempt % 2 else []  # cells in this process, or in child processes
+        proc = _launch(["study", str(path), "--out", str(out), *jobs], tmp_path / "study.log")
         try:
             proc.wait(timeout=rng.uniform(3.0, 8.0) if kill else 300)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
+            _assert_no_cell_process_survives(out)
         for cell in cells:  # a finished cell's marker is never written again
             marker = cell_folder(out, cell) / "cell.json"
             if cell.id in seen:
