@@ -10,9 +10,9 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 OUT    ?= runs/demo
 SEEDS  ?= 0
 
-.PHONY: setup data demo test test-slow bench clean
+.PHONY: setup browser data demo test test-slow bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ data:
 		echo "installing dataset-fashion-mnist with apt-get"; \
 		$$SUDO apt-get update -qq >/dev/null && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
 			|| echo "apt-get failed: Fashion-MNIST will be downloaded on first use"; \
+	fi
+
+# A headless browser renders the report in tests/test_report_study.py: Debian's chromium where
+# apt-get is available; without one that test is skipped and says why.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+			&& command -v apt-get >/dev/null 2>&1; then \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+		echo "installing chromium with apt-get"; \
+		$$SUDO apt-get update -qq >/dev/null && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+			|| echo "apt-get failed: the browser test of the report will be skipped"; \
 	fi
 
 demo: setup data

@@ -84,8 +84,14 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_loads(path):
-    assert isinstance(load_config(path), Config)
+def test_every_shipped_config_loads(path, tmp_path):
+    if "study" in path.relative_to(path.parents[1]).parts:  # a study: its base and every cell's config
+        from selftrain.study import load_study, validate
+
+        study, base = load_study(path)
+        assert validate(study, base, tmp_path)
+    else:
+        assert isinstance(load_config(path), Config)
 
 
 def test_there_are_shipped_configs():

@@ -178,7 +178,8 @@ def study(
     set: SetOpt = None,
 ) -> None:
     """Run a grid of init x augmentation x label fraction x method x seed (Zoph et al. 2020), resumably."""
-    from selftrain.study import dry_run as plan_study, format_plan, load_study, run_study
+    from selftrain.dryrun import dry_run as plan_study, format_plan
+    from selftrain.study import load_study, run_study
 
     spec, base = load_study(config, list(set or []))
     if dry_run:

@@ -519,16 +519,21 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> C
     """Loads a YAML config file (or only the defaults when ``path`` is None)."""
     if path is None:
         return build_config({}, overrides, source="<defaults>")
+    return build_config(read_mapping(path, "config file"), overrides, source=str(path))
+
+
+def read_mapping(path: str | Path, what: str = "config file", top: str = "of sections") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; every problem is a :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return build_config(raw, overrides, source=str(path))
+        raise ConfigError(f"{path}: the top level must be a mapping {top}")
+    return raw
 
 
 def dump_config(cfg: Config) -> str:

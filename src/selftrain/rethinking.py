@@ -182,16 +182,22 @@ def _verdict(claim: str, what: str, comparisons: list[tuple[str, dict[int, float
     return Finding(claim, verdict, summary, details)
 
 
-def _self_training_helps(s: Setting) -> Finding:
-    claim = "Self-training helps at every label fraction under strong augmentation (S3/S4)."
+def _over_supervised(s: Setting, method: str, inits: list[str], augments: list[str]) -> list[tuple[str, dict[int, float]]]:
+    """``method`` against the supervised line of the same init, at every grid point both have."""
     comparisons = []
-    for augment in [a for a in s.axis(2) if a in STRONG_AUGMENT]:
-        for init in s.axis(1):
+    for augment in augments:
+        for init in inits:
             for f in s.axis(3):
-                key = ("self-training", init, augment, f)
+                key = (method, init, augment, f)
                 gain = s.gain(key, (BASELINE_METHOD, init, augment, f))
                 if gain:
                     comparisons.append((_where(key), gain))
+    return comparisons
+
+
+def _self_training_helps(s: Setting) -> Finding:
+    claim = "Self-training helps at every label fraction under strong augmentation (S3/S4)."
+    comparisons = _over_supervised(s, "self-training", s.axis(1), [a for a in s.axis(2) if a in STRONG_AUGMENT])
     missing = ("the grid needs self-training and finetune cells with S3 or S4 "
                f"(it has {', '.join(s.axis(2))})")  # fmt: skip
     return _verdict(claim, "self-training minus supervised, same init", comparisons, s.metric, missing)
@@ -233,14 +239,7 @@ def _pretraining_hurts(s: Setting) -> Finding:
 
 def _self_training_on_pretraining(s: Setting) -> Finding:
     claim = "Self-training improves a pre-trained init."
-    comparisons = []
-    for init in [i for i in s.axis(1) if i != "random"]:
-        for augment in s.axis(2):
-            for f in s.axis(3):
-                key = ("pretrain+self-training", init, augment, f)
-                gain = s.gain(key, (BASELINE_METHOD, init, augment, f))
-                if gain:
-                    comparisons.append((_where(key), gain))
+    comparisons = _over_supervised(s, "pretrain+self-training", [i for i in s.axis(1) if i != "random"], s.axis(2))
     missing = "the grid needs pretrain+self-training and finetune cells with a pre-trained init"
     return _verdict(claim, "pretrain+self-training minus supervised, same init", comparisons, s.metric, missing)
 
@@ -272,6 +271,15 @@ def findings_markup(found: list[tuple[Setting, list[Finding]]], markdown: bool) 
 # ----------------------------------------------------------------------------- plots
 
 
+def _fraction_axis(ax: Any, fractions: list[float], label: str) -> None:
+    """Label fractions as percentages, on a log axis when they span 5x or more."""
+    if len(fractions) > 1 and fractions[-1] / fractions[0] >= 5:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(fractions, [format_fraction(f) for f in fractions])
+    ax.set_xlabel(label)
+
+
 def plot_accuracy(all_settings: list[Setting]) -> bytes | None:
     """Accuracy against label fraction, one line per (method, init), one panel per augmentation."""
     panels = [(s, a) for s in all_settings for a in s.axis(2)]
@@ -287,10 +295,7 @@ def plot_accuracy(all_settings: list[Setting]) -> bytes | None:
             dash = ("-", "--", ":")[STUDY_METHODS.index(method)] if method in STUDY_METHODS else "-."
             style = {"color": f"C{s.axis(1).index(init) % 10}", "ls": dash}  # colour: init; dashes: method
             ax.errorbar(xs, [p[1][0] for p in points], [p[1][1] for p in points], marker="o", capsize=3, label=f"{method}, {init}", **style)
-        if len(s.axis(3)) > 1 and s.axis(3)[-1] / s.axis(3)[0] >= 5:
-            ax.set_xscale("log")
-        ax.set_xticks(s.axis(3), [format_fraction(f) for f in s.axis(3)])
-        ax.set_xlabel("label fraction")
+        _fraction_axis(ax, s.axis(3), "label fraction")
         ax.set_ylabel(f"{s.metric} (mean ± std over seeds)")
         ax.set_title(f"{augment}: {s.dataset} ({s.stage})", fontsize=9)
         ax.legend(fontsize=7)
@@ -323,11 +328,23 @@ def plot_pseudo_labels(labels: list[_Labels], study: dict[str, Any]) -> bytes | 
             ys = [np.mean(by_fraction[f][name]) * (100 if name == "accuracy_all" else 1) for f in xs]
             if xs:
                 ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=f"{init}, {augment}")
-        ax.set_xlabel("label fraction (teacher's labels)")
+        _fraction_axis(ax, sorted({f for by in points.values() for f in by}), "label fraction (teacher's labels)")
         ax.set_ylabel(f"{label}, mean over seeds")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def study_labels(labels: list[_Labels], study: dict[str, Any]) -> list[_Labels]:
+    """The self-training cells' label manifests, named by grid point so that seeds sum in one panel."""
+    cells = _cells_by_run(study)
+    out = []
+    for m in labels:
+        cell = cells.get(m.run)
+        if cell is not None and cell["method"] == "self-training":
+            point = f"{cell['init']}, {cell['augment']}, {format_fraction(cell['label_fraction'])} labels"
+            out.append(_Labels(m.seed, m.round, point, m.stats))
+    return out
 
 
 def study_curves(curves: list[_Curve], study: dict[str, Any]) -> list[_Curve]:

@@ -25,9 +25,10 @@ Methods (what a cell runs):
                             ``self-training``, so that grid point is left out)
 
 Example:
-    >>> study = load_study("configs/study/rethinking-fashion.yaml")
-    >>> print(format_plan(dry_run(study, "runs/study")))
-    >>> run_study(study, "runs/study", jobs=2)
+    >>> study, base = load_study("configs/study/rethinking-fashion.yaml")
+    >>> run_study(study, base, "runs/study", jobs=2)
+
+The cost estimate of ``--dry-run`` is in :mod:`selftrain.dryrun`.
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from selftrain.atomic import atomic_write_text
-from selftrain.config import STAGES, Augment, Config, ConfigError, _Strict, apply_override, build_config
+from selftrain.config import (
+    STAGES, Augment, Config, ConfigError, _Strict, apply_override, build_config, read_mapping,
+)  # fmt: skip
 from selftrain.results import ResultRow, ResultsTable, read_results
 
 log = logging.getLogger("selftrain.study")
@@ -130,7 +132,7 @@ class Cell:
 
     @property
     def id(self) -> str:
-        init = "pretrained" if self.init.startswith("pretrained:") else self.init.replace(":", "-")
+        init = self.init_label.replace(":", "-")
         return f"{init}_{self.augment}_f{self.label_fraction:g}_{self.method}_seed{self.seed}"
 
     @property
@@ -141,7 +143,7 @@ class Cell:
     @property
     def pretrain_run(self) -> str | None:
         """The shared pretraining run folder (relative to the study) this cell's weights come from."""
-        if self.init in ("random",) or self.init.startswith("pretrained:"):
+        if self.init == "random" or self.init.startswith("pretrained:"):
             return None
         return f"pretrain/{self.init.replace(':', '-')}-seed{self.seed}"
 
@@ -157,12 +159,7 @@ def _base_mapping(study: StudyConfig, root: Path) -> dict[str, Any]:
     if isinstance(study.base, dict):
         return dict(study.base)
     path = Path(study.base) if Path(study.base).is_absolute() else root / study.base
-    if not path.is_file():
-        raise ConfigError(f"base: config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"base: {path} must hold a mapping of sections")
-    return raw
+    return read_mapping(path, "base: config file")
 
 
 def load_study(path: str | Path, overrides: list[str] | tuple = ()) -> tuple[StudyConfig, dict[str, Any]]:
@@ -173,14 +170,7 @@ def load_study(path: str | Path, overrides: list[str] | tuple = ()) -> tuple[Stu
     A relative ``base:`` path or ``pretrained:PATH`` is taken relative to the study file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (base, grid, jobs, probe)")
+    raw = read_mapping(path, "study file", "(base, grid, jobs, probe)")
     study_sets, base_sets = [], []
     for override in overrides:
         key = override.split("=", 1)[0].strip()
@@ -255,6 +245,8 @@ def cell_config(base: dict[str, Any], cell: Cell, out: Path) -> Config:
 def validate(study: StudyConfig, base: dict[str, Any], out: Path) -> list[Cell]:
     """Builds every cell's config before anything runs, so a bad grid fails at once."""
     cells = plan_cells(study)
+    if not cells:
+        raise ConfigError("grid: no cells; pretrain+self-training from random init is self-training, so list another init or method")
     for cell in cells:
         if cell.init.startswith("pretrained:") and not Path(cell.init[11:]).is_file():
             raise ConfigError(f"grid.init: weights file not found: {cell.init[11:]}")
@@ -322,7 +314,9 @@ def _reuse(out: Path, cell: Cell) -> dict[str, str]:
                 break
     if cell.method == "pretrain+self-training" and not (folder / "label" / "round-1" / "manifest.json").exists():
         other = cell_folder(out, Cell(cell.init, cell.augment, cell.label_fraction, "self-training", cell.seed))
-        if (other / "label" / "round-1" / "manifest.json").exists() and reused.get("teach") == other.name:
+        same_teacher = [f / "teach" / "model.safetensors" for f in (folder, other)]
+        if (other / "label" / "round-1" / "manifest.json").exists() and all(p.exists() for p in same_teacher) \
+                and os.path.samefile(*same_teacher):
             _link_tree(other / "label" / "round-1", folder / "label" / "round-1")
             reused["label"] = other.name
     return reused
@@ -414,8 +408,9 @@ def merge_results(out: Path, cells: list[Cell]) -> int:
     rows = [ResultRow(**r) for c in cells if (done := finished(out, c)) for r in done["rows"]]
     path = out / "results.csv"
     path.unlink(missing_ok=True)  # rebuilt, never appended to: the file is a function of the cells
-    ResultsTable(path).add(rows)
-    return len(rows)
+    table = ResultsTable(path)
+    table.add(rows)  # one row per identity: a teacher shared by several cells counts once
+    return len(table.rows())
 
 
 def run_study(study: StudyConfig, base: dict[str, Any], out: str | Path, *, jobs: int | None = None) -> dict:
@@ -447,156 +442,6 @@ def run_study(study: StudyConfig, base: dict[str, Any], out: str | Path, *, jobs
     if failed:
         raise RuntimeError(f"{len(failed)} cell(s) failed: {', '.join(failed)}; fix and run the study again to resume")
     return {"cells": [c.id for c in cells], "ran": [c.id for c in todo], "failed": failed, "rows": n_rows}
-
-
-# ----------------------------------------------------------------------------- dry run
-
-
-@dataclass
-class StageCosts:
-    """Measured seconds of one augmentation strength: per step, per pool image, per model."""
-
-    setup: float  # opening the sources, drawing the split, scanning the images: once per cell
-    teach_step: float
-    label_image: float
-    student_step: float
-    transfer_model: float
-
-
-def probe_costs(study: StudyConfig, base: dict[str, Any], augment: str, threads: int) -> StageCosts:
-    """Times a few real steps of every stage with the base config on its real data."""
-    import tempfile
-
-    import torch
-
-    from selftrain import label, student, teach, transfer
-    from selftrain.engine import build_runtime
-    from selftrain.outputs import RunFolder
-    from selftrain.pipeline import prepare_data
-
-    k = study.probe.steps
-    sets = [f"teach.steps={k}", f"student.steps={k}", f"teach.augment={augment}", f"student.augment={augment}",
-            f"data.label_fraction={max(study.grid.label_fraction)!r}", f"data.pool_limit={study.probe.pool}",
-            "engine.progress=false", f"engine.checkpoint_every={10 * k}", "student.rounds=1"]  # fmt: skip
-    cfg = build_config(base, sets, source="probe")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with tempfile.TemporaryDirectory(prefix="selftrain-probe-") as tmp:
-            run = RunFolder(tmp)
-            run.write_provenance(cfg)
-            runtime = build_runtime(cfg.engine)
-            clock = [time.perf_counter()]
-
-            def lap() -> float:
-                clock.append(time.perf_counter())
-                return clock[-1] - clock[-2]
-
-            data = prepare_data(cfg, run)
-            setup = lap()
-            teach.teach(cfg, run, data, runtime)
-            teach_s = lap()
-            label.label(cfg, run, data, runtime, 1)
-            label_s = lap()
-            student.student(cfg, run, data, runtime, 1)
-            student_s = lap()
-            transfer.transfer(cfg, run, data, runtime)
-            transfer_s = lap()
-            # Per step from the loop's own clock, past its first step (allocation, lazy imports).
-            teach_step, student_step = _step_seconds(run.root / "teach"), _step_seconds(run.root / "student" / "round-1")
-    finally:
-        torch.set_num_threads(previous)
-    fixed = teach_s - teach_step * k + student_s - student_step * k  # building, exporting the networks
-    return StageCosts(setup + fixed, teach_step, label_s / max(1, len(data.pool_idx)), student_step, transfer_s / 2)
-
-
-def _step_seconds(folder: Path) -> float:
-    """Seconds per training step from a ``metrics.jsonl`` (cumulative ``seconds`` per logged step)."""
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    first, last = records[0], records[-1]
-    return (last["seconds"] - first["seconds"]) / max(1, last["step"] - first["step"])
-
-
-def _pool_size(base: dict[str, Any], fraction: float) -> int:
-    """Pool images a cell labels: the labeled source outside its split, or the unlabeled source."""
-    from selftrain.data import build_source
-
-    cfg = build_config(base, [f"data.label_fraction={fraction!r}"])
-    d = cfg.data
-    if not d.unlabeled:
-        return 0
-    if d.unlabeled == d.labeled:
-        n = len(build_source(d.labeled, image_size=d.image_size, channels=d.channels, progress=False))
-        n -= round(n * fraction)
-    else:
-        n = len(build_source(d.unlabeled, image_size=d.image_size, channels=d.channels, progress=False))
-    return min(n, d.pool_limit) if d.pool_limit else n
-
-
-def _startup_seconds() -> float:
-    """What starting a child process costs: the interpreter and the imports of a cell."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import selftrain.pipeline, selftrain.student, selftrain.transfer"], check=True)
-    return time.perf_counter() - start
-
-
-def _makespan(seconds: list[float], jobs: int) -> float:
-    """Wall time of running tasks longest-first on ``jobs`` workers, each taking the next free one."""
-    workers = [0.0] * jobs
-    for s in sorted(seconds, reverse=True):
-        workers[workers.index(min(workers))] += s
-    return max(workers)
-
-
-def dry_run(study: StudyConfig, base: dict[str, Any], out: str | Path, *, jobs: int | None = None) -> dict:
-    """Lists the cells with a cost estimate from a timing probe; trains nothing, writes nothing.
-
-    Each cell's estimate is the probe's setup time plus its per-step and per-image costs times
-    the cell's steps and pool (plus a child process start when ``jobs > 1``). Finished cells
-    of an existing study in ``out`` are listed as done and cost nothing.
-    """
-    out = Path(out)
-    cells = validate(study, base, out)
-    jobs = jobs or study.jobs
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    costs = {a: probe_costs(study, base, a, threads) for a in dict.fromkeys(c.augment for c in cells)}
-    pools = {f: _pool_size(base, f) for f in study.grid.label_fraction}
-    startup = _startup_seconds() if jobs > 1 else 0.0
-    rows, pending = [], []
-    for cell in cells:
-        cfg, c = cell_config(base, cell, out), costs[cell.augment]
-        seconds = startup + c.setup + c.teach_step * cfg.teach.steps + c.transfer_model
-        if "student" in cfg.stages:
-            per_round = c.label_image * pools[cell.label_fraction] + c.student_step * cfg.student.steps + c.transfer_model
-            seconds += per_round * cfg.student.rounds
-        status = "done" if finished(out, cell) else "to run"
-        if status == "to run":
-            pending.append(seconds)
-        rows.append({"id": cell.id, **cell.axes(), "teach_steps": cfg.teach.steps,
-                     "student_steps": cfg.student.steps if "student" in cfg.stages else 0,
-                     "seconds": seconds, "status": status})  # fmt: skip
-    pretrain = sorted({c.pretrain_run for c in cells if c.pretrain_run})
-    return {"cells": rows, "jobs": jobs, "threads": threads, "serial_seconds": sum(pending),
-            "wall_seconds": _makespan(pending, jobs), "probe": {a: vars(c) for a, c in costs.items()},
-            "pretrain_runs_not_estimated": pretrain}  # fmt: skip
-
-
-def format_plan(plan: dict) -> str:
-    """The dry run as a plain-text table and a total."""
-    header = ["cell", "steps (teach/student)", "estimate", "status"]
-    texts = [[r["id"], f"{r['teach_steps']}/{r['student_steps']}", f"{r['seconds'] / 60:.1f} min", r["status"]]
-             for r in plan["cells"]]  # fmt: skip
-    widths = [max(len(t[i]) for t in [header, *texts]) for i in range(len(header))]
-    lines = ["  ".join(t.ljust(w) for t, w in zip(row, widths)).rstrip() for row in [header, *texts]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    todo = sum(r["status"] == "to run" for r in plan["cells"])
-    lines.append(
-        f"{len(plan['cells'])} cells, {todo} to run: estimated {plan['wall_seconds'] / 60:.0f} min on "
-        f"{plan['jobs']} job(s) of {plan['threads']} thread(s) ({plan['serial_seconds'] / 60:.0f} min of cell time)"
-    )
-    if plan["pretrain_runs_not_estimated"]:
-        lines.append(f"plus {len(plan['pretrain_runs_not_estimated'])} pretraining run(s), not in the estimate")
-    return "\n".join(lines)
 
 
 def _child(argv: list[str]) -> None:
