@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import tiny_overrides
-from selftrain.config import STAGES, ConfigError, apply_override
+from selftrain.config import ConfigError, apply_override
 from selftrain.dryrun import dry_run, format_plan
 from selftrain.study import Cell, cell_config, cell_folder, finished, load_study, plan_cells, run_study
 
@@ -84,13 +84,20 @@ def test_overrides_split_between_study_and_base_and_errors_are_clear(tmp_path, s
         cell_config(load_study(path, ["student.stepz=3"])[1], cells[0], tmp_path)
 
 
-@pytest.mark.skipif("pretrain" in STAGES, reason="the pretrain stage exists: these inits run")
-@pytest.mark.parametrize("init", ["supervised", "ssl:simclr"])
-def test_pretrained_inits_fail_at_validation_until_the_pretrain_stage_exists(tmp_path, small_idx, init):
-    study, base = load_study(_write_study(tmp_path / "s.yaml", _base(small_idx), init=["random", init]))
-    with pytest.raises(ConfigError, match="needs the pretrain stage"):
-        run_study(study, base, tmp_path / "out")
-    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+def test_pretraining_inits_pretrain_once_per_seed_and_label_their_rows(tmp_path, small_idx):
+    extra = ("pretrain.steps=3", "pretrain.batch_size=16", "pretrain.probe=false", f"pretrain.data={small_idx['train']}")
+    base = _base(small_idx, *extra)
+    path = _write_study(tmp_path / "s.yaml", base, init=["random", "supervised"], method=["finetune"])
+    study, base = load_study(path)
+    out = tmp_path / "out"
+    result = run_study(study, base, out)
+    assert result["failed"] == []
+    exported = list(out.glob("**/pretrain/backbone.safetensors"))
+    assert len(exported) == 1  # one pretraining for (supervised, seed 0), outside the cells
+    rows = [r for r in _rows(out / "results.csv") if r["metric"] == "top1"]
+    assert sorted(r["init"] for r in rows) == ["random", "supervised"]
+    cfg = yaml.safe_load((cell_folder(out, plan_cells(study)[1]) / "config.yaml").read_text())
+    assert Path(cfg["model"]["weights"]).samefile(exported[0])
 
 
 def test_study_runs_cells_reuses_teachers_and_resumes_without_rerunning(tmp_path, small_idx):

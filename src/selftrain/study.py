@@ -50,8 +50,9 @@ from pydantic import Field, ValidationError, field_validator
 
 from selftrain.atomic import atomic_write_text
 from selftrain.config import (
-    STAGES, Augment, Config, ConfigError, _Strict, apply_override, build_config, read_mapping,
+    Augment, Config, ConfigError, _Strict, apply_override, build_config, read_mapping,
 )  # fmt: skip
+from selftrain.pretrain import BACKBONE_FILE
 from selftrain.results import ResultRow, ResultsTable, read_results
 
 log = logging.getLogger("selftrain.study")
@@ -61,7 +62,7 @@ Method = Literal["finetune", "self-training", "pretrain+self-training"]
 #: Pretraining methods of the pretrain stage (``ssl:<method>``; ``supervised`` is its own init).
 SSL_METHODS = ("simclr", "moco", "byol", "swav")
 #: Where a pretrain run folder keeps the backbone its pretrain stage exported.
-PRETRAIN_EXPORT = Path("pretrain") / "model.safetensors"
+PRETRAIN_EXPORT = Path("pretrain") / BACKBONE_FILE
 _STAGES = {"finetune": ["teach", "transfer"], "self-training": ["teach", "label", "student", "transfer"]}
 _STAGES["pretrain+self-training"] = _STAGES["self-training"]
 
@@ -219,11 +220,6 @@ def cell_overrides(cell: Cell, out: Path) -> list[str]:
     if cell.init.startswith("pretrained:"):
         sets.append(f"model.weights={cell.init[11:]}")
     elif cell.init != "random":
-        if "pretrain" not in STAGES:
-            raise ConfigError(
-                f"grid.init: {cell.init!r} needs the pretrain stage, which this selftrain does not have yet "
-                f"(selftrain.config.STAGES = {list(STAGES)}); use random or pretrained:PATH (a weights file)"
-            )
         sets.append(f"model.weights={out.resolve() / cell.pretrain_run / PRETRAIN_EXPORT}")
     if cell.method == "self-training" and cell.init != "random":
         sets.append("student.init=random")  # only the teacher starts from the init
