@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 from _must_teachers import CLASS, bright_mask, skips_odd
 from typer.testing import CliRunner
 
@@ -21,7 +22,8 @@ from selftrain.data.targets import IGNORE_INDEX
 from selftrain.engine import build_runtime
 from selftrain.must.data import MultiTaskRecords, TaskBatch
 from selftrain.must.label import HUMAN, MISSING, PSEUDO, must_label, uses_ground_truth
-from selftrain.must.teachers import file_digest, resize_target
+from selftrain.label import file_sha256
+from selftrain.must.teachers import resize_target
 from selftrain.must.network import HeadSpec, HeadView, MultiTaskNetwork, MultiTaskSpec, load_multitask_network
 from selftrain.must.pipeline import run_must
 from selftrain.must.student import TaskLossWeights, heuristic_weights, joint_augment, task_losses
@@ -302,23 +304,34 @@ def test_cli_must_end_to_end_with_trained_checkpoint_and_ground_truth_teachers(t
     ckpt = ["task=segmentation", f"spec=checkpoint:{out / 'must/teach/segmentation'}"]
     _, _, store = label(tmp_path, base(ckpt), "from-checkpoint")
     fingerprint = store.header["fingerprint"]["teachers"]["segmentation"]["model"]["weights"]
-    assert fingerprint == file_digest(out / "must/teach/segmentation/teach/model.safetensors")
+    assert fingerprint == file_sha256(out / "must/teach/segmentation/teach/model.safetensors")
     assert runner.invoke(app, ["report", str(out)], catch_exceptions=False).exit_code == 0
 
 
-def test_timm_teacher_with_local_weights_labels_the_pool(tmp_path):
-    import timm
+def _hub_model(spec: str) -> torch.nn.Module:
+    """A 3-class model as timm or torchvision builds it, random weights (nothing downloaded)."""
+    kind, name = spec.split(":")
+    if kind == "timm":
+        import timm
 
+        return timm.create_model(name, pretrained=False, num_classes=3)
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, num_classes=3)
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet10t", "torchvision:mobilenet_v3_small"])
+def test_timm_and_torchvision_teachers_with_local_weights_label_the_pool(spec, tmp_path):
     from selftrain.checkpoint import save_weights
 
-    model = timm.create_model("resnet10t", pretrained=False, num_classes=3, in_chans=3)
-    save_weights(tmp_path / "w.safetensors", model.state_dict())
-    teacher = ["task=classification", "spec=timm:resnet10t", f"weights={tmp_path / 'w.safetensors'}", "classes=[x, y, z]", "input_size=32"]
+    save_weights(tmp_path / "w.safetensors", _hub_model(spec).state_dict())
+    teacher = ["task=classification", f"spec={spec}", f"weights={tmp_path / 'w.safetensors'}", "classes=[x, y, z]", "input_size=32"]
     _, _, store = label(tmp_path, base(teacher))
     table = store.read()
     probs = np.asarray(table.column("classification.probs").to_pylist())
     assert probs.shape == (12, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert set(table.column("classification.source").to_pylist()) == {PSEUDO}
+    assert store.header["fingerprint"]["teachers"]["classification"]["model"]["model"] == spec
 
 
 # --------------------------------------------------------------------------- config
@@ -354,3 +367,11 @@ def test_config_refuses_two_teachers_with_one_name_and_bad_list_indices():
 def test_callable_teacher_that_cannot_be_imported_is_an_error_naming_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"must.teachers.0.spec: cannot import callable:_must_teachers:nothing"):
         label(tmp_path, base(["task=depth", "spec=callable:_must_teachers:nothing"]))
+
+
+def test_single_task_configs_are_saved_without_the_must_section():
+    from selftrain.config import dump_config
+
+    assert "must:" not in dump_config(build_config({}, []))  # run folders from before MuST still resume
+    dumped = dump_config(build_config({}, ["must.loss_weights=user"]))
+    assert "must:" in dumped and build_config(yaml.safe_load(dumped)).must.loss_weights == "user"

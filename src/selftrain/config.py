@@ -423,5 +423,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> C
 
 
 def dump_config(cfg: Config) -> str:
-    """The YAML form of a resolved config (every default written out)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The YAML form of a resolved config (every default written out).
+
+    The ``must`` section is written only when it is used (teachers declared or a key changed), so
+    the saved config of a single-task run is what it was before MuST existed and such a run folder
+    still resumes.
+    """
+    unused = cfg.must == MustConfig()
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"must"} if unused else None), sort_keys=False)

@@ -131,8 +131,7 @@ def task_losses(net: MultiTaskNetwork, x: torch.Tensor, batch: dict[str, TaskBat
         rows = torch.as_tensor(part.rows, device=x.device)
         with runtime.autocast():
             outputs = net.head_outputs(key, features, rows)
-        moved = task.to_device(task.batch_targets(targets[key]), runtime.device) if task.dense else task.batch_targets(targets[key]).to(runtime.device)
-        losses[key] = task.loss(outputs, moved).mean()
+        losses[key] = task.loss(outputs, task.to_device(task.batch_targets(targets[key]), runtime.device)).mean()
     return losses
 
 

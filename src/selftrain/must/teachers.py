@@ -26,7 +26,6 @@ local file.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ from selftrain.checkpoint import read_state_dict
 from selftrain.config import FILE_IMAGE_SIZE, Config, MustTeacherConfig, build_config
 from selftrain.data import Source, build_source
 from selftrain.engine import Runtime
+from selftrain.label import file_sha256
 from selftrain.network import load_network
 from selftrain.outputs import RunFolder
 from selftrain.tasks import TASKS, build_task
@@ -220,14 +220,6 @@ def _checkpoint_path(argument: str) -> Path:
     return path
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _network_teacher(tcfg: MustTeacherConfig, path: Path, pool: Source, label_cfg, runtime: Runtime, where: str) -> Teacher:
     net = load_network(path).to(runtime.device).eval()
     if net.spec.task != tcfg.task:
@@ -235,7 +227,7 @@ def _network_teacher(tcfg: MustTeacherConfig, path: Path, pool: Source, label_cf
     task = teacher_task(tcfg, pool, where, spec=net.spec.__dict__)
     return Teacher(
         tcfg.key, task, lambda x: task.pseudo_targets(net(x), label_cfg), net.spec.image_size, net.spec.channels,
-        [0.0], [1.0], {"weights": file_digest(path)},  # the network normalizes its input itself
+        [0.0], [1.0], {"weights": file_sha256(path)},  # the network normalizes its input itself
     )  # fmt: skip
 
 
@@ -275,7 +267,7 @@ def _hub_teacher(tcfg: MustTeacherConfig, pool: Source, label_cfg, runtime: Runt
 
     default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ([0.5], [0.25])
     return Teacher(tcfg.key, task, predict, tcfg.input_size, channels, tcfg.mean or default_mean,
-                   tcfg.std or default_std, {"weights": file_digest(Path(tcfg.weights)), "model": tcfg.spec})  # fmt: skip
+                   tcfg.std or default_std, {"weights": file_sha256(Path(tcfg.weights)), "model": tcfg.spec})  # fmt: skip
 
 
 def resolve_callable(reference: str, where: str) -> TeacherCallable:
