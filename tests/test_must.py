@@ -291,6 +291,10 @@ def test_cli_must_end_to_end_with_trained_checkpoint_and_ground_truth_teachers(t
     assert {("segmentation", "supervised", "random", "miou"), ("segmentation", "must", "must", "miou"),
             ("depth", "must", "must", "absrel")} <= got  # fmt: skip
     assert all(np.isfinite(float(r["value"])) for r in rows)
+    stats = json.loads((out / "must/label/manifest.json").read_text())["stats"]
+    # measured against the pool scenes' hidden targets (a 2-step teacher labels few pixels: mIoU needs one)
+    assert "coverage" in stats["segmentation"]["quality"] and {"ap", "ap50"} <= set(stats["detection"]["quality"])
+    assert "quality" not in stats["depth"]  # ground truth only: no pseudo label to measure
     done = json.loads((out / "must/student/done.json").read_text())
     assert set(done["records"]) == {"segmentation", "bright", "depth", "detection"} and done["records"]["depth"] < 12
 
@@ -375,3 +379,31 @@ def test_single_task_configs_are_saved_without_the_must_section():
     assert "must:" not in dump_config(build_config({}, []))  # run folders from before MuST still resume
     dumped = dump_config(build_config({}, ["must.loss_weights=user"]))
     assert "must:" in dumped and build_config(yaml.safe_load(dumped)).must.loss_weights == "user"
+
+
+def test_an_interrupted_student_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from selftrain.must import student as must_student_module
+
+    overrides = base(BRIGHT, DEPTH_HALF) + ["must.student.steps=4", "must.student.augment=S4",
+                                            "must.loss_weights=normalized"]  # fmt: skip
+    cfg = build_config({}, overrides)
+    whole = run_must(cfg, tmp_path / "whole")
+    calls = []
+    real = must_student_module.TaskLossWeights.forward
+
+    def dies_at_the_fourth_step(self, losses):
+        calls.append(1)
+        if len(calls) == 4:  # after the checkpoint of step 2 (engine.checkpoint_every=2), before step 4's update
+            raise KeyboardInterrupt("killed")
+        return real(self, losses)
+
+    monkeypatch.setattr(must_student_module.TaskLossWeights, "forward", dies_at_the_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_must(cfg, tmp_path / "killed")
+    monkeypatch.setattr(must_student_module.TaskLossWeights, "forward", real)
+    resumed = run_must(cfg, tmp_path / "killed")
+    a = load_file(whole / "must/student/model.safetensors")
+    b = load_file(resumed / "must/student/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

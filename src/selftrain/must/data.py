@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from selftrain.must.label import HUMAN, PSEUDO, store_column
+from selftrain.must.label import HUMAN, PSEUDO, task_table
 from selftrain.store import PseudoLabelStore
 from selftrain.tasks.base import Target
 
@@ -70,15 +69,9 @@ class MultiTaskRecords:
         self.index = table.column("index").to_numpy()[rows]
         self.present = {k: v[rows] for k, v in present.items()}
         self.human = {k: v[rows] for k, v in human.items()}
-        self._tables = {k: self._task_table(table.take(rows), k, t) for k, t in tasks.items()}
+        self._tables = {k: task_table(table.take(rows), k, t) for k, t in tasks.items()}
         if len(rows) == 0:
             raise ValueError(f"{store_dir}: no record has a task that counts (every threshold too high?)")
-
-    @staticmethod
-    def _task_table(table: pa.Table, key: str, task) -> pa.Table:
-        """The teacher's columns under the task's own names, which ``task.decode_rows`` reads."""
-        columns = [c for c in task.pseudo_schema() if not c.endswith(".confidence")]
-        return pa.table({c: table.column(store_column(c, task.name, key)) for c in columns})
 
     def __len__(self) -> int:
         return len(self.index)

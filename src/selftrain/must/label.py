@@ -50,6 +50,20 @@ def store_column(task_column: str, task_name: str, key: str) -> str:
     return key + task_column[len(task_name) :]
 
 
+def task_table(table: pa.Table, key: str, task) -> pa.Table:
+    """Teacher ``key``'s value columns under the task's own names, which ``task.decode_rows`` reads."""
+    columns = [c for c in task.pseudo_schema() if not c.endswith(".confidence")]
+    return pa.table({c: table.column(store_column(c, task.name, key)) for c in columns})
+
+
+def same_classes(task, source: Source) -> bool:
+    """Whether ``source``'s targets mean what the task's outputs mean (class count; depth always does)."""
+    offset = {"classification": 0, "detection": 0, "segmentation": 1}.get(task.name)
+    if offset is None:
+        return True
+    return source.classes is not None and len(source.classes) + offset == task.num_classes
+
+
 def uses_ground_truth(seed: int, key: str, image_key: str, fraction: float) -> bool:
     """Whether the image ``image_key`` with ground truth for teacher ``key`` uses it (seeded, per image)."""
     if fraction >= 1.0:
@@ -77,11 +91,9 @@ class HumanLabels:
             self.source = build_source(tcfg.human, image_size=pool.image_size, channels=pool.channels, progress=False)
             self.lookup = {self.source.key(j): j for j in range(len(self.source))}
         task.check_source(self.source, f"{where}.human")
-        expected = {"classification": 0, "detection": 0, "segmentation": 1}.get(task.name)
-        classes = self.source.classes
-        if expected is not None and (classes is None or len(classes) + expected != task.num_classes):
-            raise ValueError(f"{where}.human={tcfg.human!r} has {len(classes or [])} classes; "
-                             f"teacher {tcfg.key!r} labels {task.num_classes - expected}")  # fmt: skip
+        if not same_classes(task, self.source):
+            raise ValueError(f"{where}.human={tcfg.human!r} has {len(self.source.classes or [])} classes; "
+                             f"teacher {tcfg.key!r} labels {task.num_classes - (task.name == 'segmentation')}")  # fmt: skip
 
     def targets(self, pool: Source, indices: np.ndarray) -> list[Target | None]:
         """Ground truth of ``pool[indices]`` where there is some and it is used, else None."""
@@ -213,7 +225,7 @@ def must_label(cfg: Config, run: RunFolder, runtime: Runtime) -> Path:
         # The skip list goes first: once the shard exists, its skips must be on disk too.
         atomic_write_text(folder / "skips" / f"shard-{shard:05d}.json", json.dumps(skips))
         store.write_shard(shard, table)
-    manifest = _manifest(store, cfg, entries, int(len(pool_idx)))
+    manifest = _manifest(store, cfg, entries, int(len(pool_idx)), pool)
     store.write_manifest(manifest)
     for key, stats in manifest["stats"].items():
         log.info("must-label: %s: %d pseudo, %d human, %d missing, mean pseudo confidence %s",
@@ -221,8 +233,31 @@ def must_label(cfg: Config, run: RunFolder, runtime: Runtime) -> Path:
     return folder
 
 
-def _manifest(store: PseudoLabelStore, cfg: Config, entries, total: int) -> dict:
-    """Counts per task and source, mean pseudo confidence, and how many pass the student's threshold."""
+def _has_truth(task, pool: Source) -> bool:
+    """Whether the pool hides targets of the task's kind and classes (scenes, or an annotated pool)."""
+    try:
+        task.check_source(pool, "pool")
+    except ValueError:
+        return False
+    return hasattr(pool, "load_targets") and same_classes(task, pool)
+
+
+def _pseudo_quality(store: PseudoLabelStore, key: str, task, pool: Source) -> dict[str, float]:
+    """The task's pseudo-label quality (``task.quality_meter``) of the pseudo records against the pool's hidden targets."""
+    meter = task.quality_meter()
+    values = [store_column(c, task.name, key) for c in task.pseudo_schema() if not c.endswith(".confidence")]
+    columns = ["index", f"{key}.source", *values]
+    for _, shard in store.iter_shards(columns, allow_partial=True):
+        rows = [i for i, s in enumerate(shard.column(f"{key}.source").to_pylist()) if s == PSEUDO]
+        if rows:
+            part = shard.take(rows)
+            meter.update(task.decode_rows(task_table(part, key, task)), task.metric_targets(pool, part.column("index").to_numpy()))
+    return {k: round(float(v), 4) for k, v in meter.compute().items()}
+
+
+def _manifest(store: PseudoLabelStore, cfg: Config, entries, total: int, pool: Source) -> dict:
+    """Counts per task and source, mean pseudo confidence, how many pass the student's threshold and,
+    where the pool hides targets of a dense task, the pseudo labels' quality against them."""
     skips = []
     for f in sorted((store.root / "skips").glob("shard-*.json")):
         skips += json.loads(f.read_text())
@@ -237,5 +272,7 @@ def _manifest(store: PseudoLabelStore, cfg: Config, entries, total: int) -> dict
             "mean_confidence": round(float(conf[pseudo].mean()), 4) if pseudo.any() else None,
             "pseudo_over_threshold": int((conf[pseudo] >= tcfg.threshold).sum()), "threshold": tcfg.threshold,
         }  # fmt: skip
+        if pseudo.any() and task.dense and _has_truth(task, pool):
+            stats[key]["quality"] = _pseudo_quality(store, key, task, pool)
     return {"stage": "must-label", "seed": cfg.seed, "pool": cfg.data.unlabeled, "teachers": store.header["fingerprint"]["teachers"],
             "total": total, "processed": total - len(skips), "skipped": len(skips), "skips": skips, "stats": stats}  # fmt: skip
