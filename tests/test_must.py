@@ -407,3 +407,21 @@ def test_an_interrupted_student_resumes_to_the_weights_of_an_uninterrupted_one(t
     a = load_file(whole / "must/student/model.safetensors")
     b = load_file(resumed / "must/student/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_students_backbone_round_trips_as_weights_of_a_new_network(tmp_path):
+    from selftrain.backbones import build_backbone
+    from selftrain.checkpoint import save_weights
+    from selftrain.must.network import backbone_state
+
+    tasks = {"seg": build_task("segmentation", ["a", "b"]), "cls": build_task("classification", ["a", "b", "c"])}
+    trained = _network(tasks)
+    save_weights(tmp_path / "backbone.safetensors", backbone_state(trained))
+    torch.manual_seed(1)  # other initial weights: what must.student.init replaces
+    student = MultiTaskNetwork(trained.spec, weights=str(tmp_path / "backbone.safetensors"), tasks=tasks)
+    for (name, a), (_, b) in zip(trained.backbone.state_dict().items(), student.backbone.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(trained.heads["cls"].fc.weight, student.heads["cls"].fc.weight)  # heads start afresh
+    # The same file starts a single-task classification backbone (model.weights).
+    cnn = build_backbone("cnn-tiny", num_classes=3, in_chans=1, weights=str(tmp_path / "backbone.safetensors"))
+    assert torch.equal(cnn.features[0][0].weight, trained.backbone.features[0][0].weight)
