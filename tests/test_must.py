@@ -20,7 +20,7 @@ from selftrain.config import ConfigError, build_config
 from selftrain.data import build_source
 from selftrain.data.targets import IGNORE_INDEX
 from selftrain.engine import build_runtime
-from selftrain.must.data import MultiTaskRecords, TaskBatch
+from selftrain.must.data import MultiTaskRecords, TaskBatch, TaskSampler
 from selftrain.must.label import HUMAN, MISSING, PSEUDO, must_label, uses_ground_truth
 from selftrain.label import file_sha256
 from selftrain.must.teachers import resize_target
@@ -182,6 +182,30 @@ def test_joint_batches_carry_only_the_tasks_each_image_has(labeled):
     assert "bright" not in strict.batch(np.arange(len(strict)))
     with pytest.raises(ValueError, match="no labels of"):
         MultiTaskRecords(store.root, {"normals": tasks["depth"]}, {})
+
+
+def test_task_sampling_joint_or_one_task_per_step_is_seeded_and_covers_each_task(labeled):
+    _, _, store = labeled
+    tasks = {"bright": build_task("segmentation", list("abcdefghijk")), "depth": build_task("depth", []),
+             "classification": build_task("classification", list("abcdefghijk"))}  # fmt: skip
+    records = MultiTaskRecords(store.root, tasks, {})
+    joint = TaskSampler(records, "joint", 5, seed=3)
+    chosen, batch = joint(0)
+    assert len(chosen) == 5 and set(batch) <= set(tasks) and len(batch["classification"].rows) == 5
+    again = TaskSampler(records, "joint", 5, seed=3)(0)[0]
+    assert chosen.tolist() == again.tolist()  # a pure function of (seed, step): resume draws the same batches
+    robin = TaskSampler(records, "round-robin", 3, seed=3)
+    seen = {k: set() for k in tasks}
+    for step in range(3 * 12):
+        chosen, batch = robin(step)
+        key = list(tasks)[step % 3]
+        assert list(batch) == [key] and len(chosen) == 3 and records.present[key][chosen].all()
+        assert batch[key].rows.tolist() == [0, 1, 2]
+        seen[key] |= set(chosen.tolist())
+    # Over 12 steps of 3 images each task has gone through all the records it has.
+    assert all(seen[k] == set(np.flatnonzero(records.present[k]).tolist()) for k in tasks)
+    with pytest.raises(ValueError, match="unknown sampling"):
+        TaskSampler(records, "random", 3, seed=0)
 
 
 def _network(tasks: dict) -> MultiTaskNetwork:
@@ -387,7 +411,7 @@ def test_an_interrupted_student_resumes_to_the_weights_of_an_uninterrupted_one(t
     from selftrain.must import student as must_student_module
 
     overrides = base(BRIGHT, DEPTH_HALF) + ["must.student.steps=4", "must.student.augment=S4",
-                                            "must.loss_weights=normalized"]  # fmt: skip
+                                            "must.loss_weights=normalized", "must.student.sampling=round-robin"]  # fmt: skip
     cfg = build_config({}, overrides)
     whole = run_must(cfg, tmp_path / "whole")
     calls = []

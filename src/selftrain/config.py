@@ -234,7 +234,11 @@ class MustStudentConfig(_Strict):
     """The multi-task student: one backbone with a feature pyramid and one head per teacher."""
 
     steps: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=1, description="pool images per step; every image carries the tasks it has")
+    batch_size: int = Field(64, ge=1, description="pool images per step")
+    sampling: Literal["joint", "round-robin"] = Field(
+        "joint", description="joint: every image of a step brings every task it has; round-robin: step s trains "
+        "task s mod T on images that have it (for tasks with labels on few images)",
+    )  # fmt: skip
     augment: Augment = Field("S1", description="applied jointly to the image and every dense pseudo label")
     init: str = Field("scratch", description="scratch | path to a weights file for the backbone")
     average_decay: float = Field(0.99, ge=0, lt=1, description="decay of the per-task loss averages (normalized weights)")

@@ -1,6 +1,6 @@
 """``must-student``: one multi-task student learns every teacher's labels (Ghiasi et al. 2021).
 
-Each step takes a joint batch (:mod:`selftrain.must.data`), augments it once with the strength
+Each step takes a joint batch, or one task's batch (``must.student.sampling``, :mod:`selftrain.must.data`), augments it once with the strength
 ``must.student.augment``, moving every dense label of every task with the image (one set of warps,
 each task's targets through it, keypoints with their own flip pairs), runs the shared backbone once,
 then each head on the images that have its task. The task losses, each the mean over those images of
@@ -34,8 +34,8 @@ from selftrain.atomic import atomic_write_text
 from selftrain.augment import BatchAugment, warp_targets
 from selftrain.checkpoint import save_weights
 from selftrain.config import Config
-from selftrain.engine import BatchIndices, Runtime, export_model, fit
-from selftrain.must.data import MultiTaskRecords, TaskBatch
+from selftrain.engine import Runtime, export_model, fit
+from selftrain.must.data import MultiTaskRecords, TaskBatch, TaskSampler
 from selftrain.must.label import store_dir
 from selftrain.must.network import HeadSpec, MultiTaskNetwork, MultiTaskSpec, backbone_state, spec_dict
 from selftrain.data import build_source
@@ -175,15 +175,14 @@ def must_student(cfg: Config, run: RunFolder, runtime: Runtime) -> Path:
     if runtime.channels_last:
         net.to(memory_format=torch.channels_last)
     aug = BatchAugment(s.augment)
-    batches = BatchIndices(len(records), s.batch_size, cfg.seed + 7)
+    sampler = TaskSampler(records, s.sampling, s.batch_size, cfg.seed + 7)
     fixed = heuristic_weights(cfg) if cfg.must.loss_weights == "heuristic" else {t.key: t.weight for t in cfg.must.teachers}
     combine = TaskLossWeights(list(tasks), cfg.must.loss_weights, None if cfg.must.loss_weights == "normalized" else fixed, s.average_decay)
     log.info("must-student: %d records (%s), loss weights %s", len(records), records.counts(),
              cfg.must.loss_weights if cfg.must.loss_weights == "normalized" else fixed)  # fmt: skip
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
-        chosen = batches(step).numpy()
-        batch = records.batch(chosen)
+        chosen, batch = sampler(step)
         x, targets = joint_augment(aug, runtime.images(pool.load_batch(records.index[chosen])), batch, tasks)
         losses = task_losses(net, x, batch, targets, tasks, runtime)
         return {"loss": combine(losses), **{f"loss_{k}": v.detach() for k, v in losses.items()}}
