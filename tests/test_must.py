@@ -392,9 +392,11 @@ def test_config_refuses_two_teachers_with_one_name_and_bad_list_indices():
         run_must(build_config({}, ["engine.progress=false"]), "unused")
 
 
-def test_callable_teacher_that_cannot_be_imported_is_an_error_naming_the_key(tmp_path):
+def test_callable_teacher_that_cannot_be_imported_or_returns_bad_labels_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"must.teachers.0.spec: cannot import callable:_must_teachers:nothing"):
         label(tmp_path, base(["task=depth", "spec=callable:_must_teachers:nothing"]))
+    with pytest.raises(ValueError, match=r"teacher 'seg' returned \['masks'\] for task segmentation, which needs a dict with mask"):
+        label(tmp_path, base(["task=segmentation", "name=seg", "spec=callable:_must_teachers:wrong_keys", f"classes={CLASSES}"]), "bad")
 
 
 def test_single_task_configs_are_saved_without_the_must_section():

@@ -114,7 +114,20 @@ class Teacher:
         if len(targets) != len(images) or len(confidence) != len(images):
             raise ValueError(f"teacher {self.key!r} returned {len(targets)} labels and {len(confidence)} "
                              f"confidences for {len(images)} images")  # fmt: skip
+        for t in targets:
+            if t is not None:
+                check_target(self.task, t, f"teacher {self.key!r}")
         return [None if t is None else resize_target(t, own, size) for t in targets], confidence
+
+
+def check_target(task, target: Target, who: str) -> None:
+    """Raises ValueError naming ``who`` unless ``target`` is a label of ``task`` (keys; class count)."""
+    needed = ("probs",) if task.name == "classification" else tuple(k for k in task.target_keys if k != "scores")
+    if not isinstance(target, dict) or any(k not in target for k in needed):
+        got = sorted(target) if isinstance(target, dict) else type(target).__name__
+        raise ValueError(f"{who} returned {got} for task {task.name}, which needs a dict with {', '.join(needed)}")
+    if task.name == "classification" and tuple(target["probs"].shape) != (task.num_classes,):
+        raise ValueError(f"{who} returned probs of shape {tuple(target['probs'].shape)}; its task has {task.num_classes} classes")
 
 
 def resize_target(target: Target, source: tuple[int, int], size: tuple[int, int]) -> Target:
