@@ -141,13 +141,11 @@ def student_tasks(cfg: Config, run: RunFolder, pool) -> dict:
     for i, tcfg in enumerate(cfg.must.teachers):
         where = f"must.teachers.{i}"
         path = teacher_weights(run, tcfg)
-        if path is not None:
-            if not path.exists():
-                raise FileNotFoundError(f"{path} is missing: run must-label first (it trains the teachers)")
-            tasks[tcfg.key] = teacher_task(tcfg, pool, where, spec=json.loads(path.with_suffix(".json").read_text())["spec"])
-        else:
-            data = build_source(tcfg.data, progress=False) if tcfg.data else None
-            tasks[tcfg.key] = teacher_task(tcfg, pool, where, data=data)
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run must-label first (it trains the teachers)")
+        spec = json.loads(path.with_suffix(".json").read_text())["spec"] if path is not None else None
+        data = build_source(tcfg.data, progress=False) if tcfg.data else None
+        tasks[tcfg.key] = teacher_task(tcfg, pool, where, data=data, spec=spec)
     return tasks
 
 

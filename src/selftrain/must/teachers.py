@@ -178,6 +178,9 @@ def _sized(task: str, size: int, pool: Source):
     """A task of ``size`` outputs (segmentation: classes with the background); keypoints take the pool's flip pairs."""
     if task == "keypoints" and getattr(pool, "num_points", None) == size:
         return build_task(task, pool)
+    if task == "keypoints":
+        log.warning("keypoints teacher without a keypoints source (data:) of %d points: its flip pairs are unknown, "
+                    "so a mirrored image keeps its points' order; use student augment none or give data:", size)  # fmt: skip
     return TASKS.get(task)(size)
 
 
@@ -237,7 +240,11 @@ def _network_teacher(tcfg: MustTeacherConfig, path: Path, pool: Source, label_cf
     net = load_network(path).to(runtime.device).eval()
     if net.spec.task != tcfg.task:
         raise ValueError(f"{where}.spec: {path} is a {net.spec.task} model, the teacher's task is {tcfg.task}")
-    task = teacher_task(tcfg, pool, where, spec=net.spec.__dict__)
+    data = build_source(tcfg.data, progress=False) if tcfg.data else None
+    task = teacher_task(tcfg, pool, where, data=data, spec=net.spec.__dict__)
+    if int(task.num_classes) != net.spec.num_classes:
+        raise ValueError(f"{where}.data: {tcfg.data!r} sizes the {tcfg.task} task to {task.num_classes} outputs, "
+                         f"the model {path} has {net.spec.num_classes}")  # fmt: skip
     return Teacher(
         tcfg.key, task, lambda x: task.pseudo_targets(net(x), label_cfg), net.spec.image_size, net.spec.channels,
         [0.0], [1.0], {"weights": file_sha256(path)},  # the network normalizes its input itself
