@@ -120,24 +120,19 @@ class TaskLabels:
         self.types = {store_column(c, task.name, key): t for c, t in schema.items()}
         self.values: dict[str, list] = {c: [] for c in self.types}
         self.values[f"{key}.source"] = []
-        self.counts = {PSEUDO: 0, HUMAN: 0, MISSING: 0}
 
     def add(self, targets: list[Target | None], confidence: list[float | None], sources: list[str]) -> None:
+        """One batch: a target dict (or None: missing), a confidence and a source per image."""
         present = [n for n, t in enumerate(targets) if t is not None]
         encoded = self.task.record_columns([targets[n] for n in present]) if present else {}
-        for column, values in encoded.items():
-            full: list = [None] * len(targets)
-            for n, value in zip(present, values):
+        encoded = {store_column(c, self.task.name, self.key): v for c, v in encoded.items()}
+        encoded[f"{self.key}.confidence"] = [confidence[n] for n in present]
+        for column in self.types:
+            full: list = [None] * len(targets)  # null where the image has no label of this task
+            for n, value in zip(present, encoded.get(column, [])):
                 full[n] = value
-            self.values[store_column(column, self.task.name, self.key)] += full
-        for column in self.types:  # columns record_columns left out (none, or all rows missing)
-            if column not in {store_column(c, self.task.name, self.key) for c in encoded}:
-                if not column.endswith(".confidence"):
-                    self.values[column] += [None] * len(targets)
-        self.values[f"{self.key}.confidence"] += confidence
+            self.values[column] += full
         self.values[f"{self.key}.source"] += sources
-        for s in sources:
-            self.counts[s] += 1
 
     def columns(self) -> dict[str, pa.Array]:
         types = {**self.types, f"{self.key}.source": pa.string()}
@@ -163,8 +158,8 @@ def label_batch(teacher: Teacher | None, human: HumanLabels | None, pool: Source
     return targets, confidence, sources
 
 
-def label_shard(entries, pool: Source, indices: np.ndarray, cfg: Config, runtime: Runtime) -> tuple[pa.Table, list[dict], dict]:
-    """Every teacher's labels for one input shard -> (store table, skipped images, per-teacher counts)."""
+def label_shard(entries, pool: Source, indices: np.ndarray, cfg: Config, runtime: Runtime) -> tuple[pa.Table, list[dict]]:
+    """Every teacher's labels for one input shard -> (store table, skipped images)."""
     labels = {key: TaskLabels(key, task) for key, task, _, _ in entries}
     keys, kept, skips = [], [], []
     for start in range(0, len(indices), cfg.label.batch_size):
@@ -179,7 +174,7 @@ def label_shard(entries, pool: Source, indices: np.ndarray, cfg: Config, runtime
     columns = {"key": pa.array(keys, pa.string()), "index": pa.array(np.concatenate(kept) if kept else [], pa.int64())}
     for task_labels in labels.values():
         columns.update(task_labels.columns())
-    return pa.table(columns), skips, {k: v.counts for k, v in labels.items()}
+    return pa.table(columns), skips
 
 
 def build_entries(cfg: Config, run: RunFolder, runtime: Runtime, pool: Source) -> list[tuple[str, object, Teacher | None, HumanLabels | None]]:
@@ -221,7 +216,7 @@ def must_label(cfg: Config, run: RunFolder, runtime: Runtime) -> Path:
         return folder
     (folder / "skips").mkdir(exist_ok=True)
     for shard in tqdm(store.pending_shards(), desc="must-label", disable=not cfg.engine.progress, leave=False, unit="shard"):
-        table, skips, _ = label_shard(entries, pool, pool_idx[shard * size : (shard + 1) * size], cfg, runtime)
+        table, skips = label_shard(entries, pool, pool_idx[shard * size : (shard + 1) * size], cfg, runtime)
         # The skip list goes first: once the shard exists, its skips must be on disk too.
         atomic_write_text(folder / "skips" / f"shard-{shard:05d}.json", json.dumps(skips))
         store.write_shard(shard, table)
