@@ -166,7 +166,7 @@ def must_student(cfg: Config, run: RunFolder, runtime: Runtime) -> Path:
     records = MultiTaskRecords(store_dir(run), tasks, {t.key: t.threshold for t in cfg.must.teachers})
     mean, std = image_statistics(pool.load_batch(records.index[: min(len(records), 2000)]))
     sample = pool.load_batch(records.index[:1])
-    heads = [HeadSpec(k, t.name, int(t.num_classes), []) for k, t in tasks.items()]
+    heads = [HeadSpec(k, t.name, int(t.num_classes)) for k, t in tasks.items()]
     spec = MultiTaskSpec(cfg.model.backbone, int(sample.shape[1]), int(sample.shape[-1]), mean, std, heads)
     torch.manual_seed(cfg.seed)  # the initial weights are part of what a seed fixes
     net = MultiTaskNetwork(spec, weights=None if s.init == "scratch" else s.init, tasks=tasks).to(runtime.device)
