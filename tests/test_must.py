@@ -451,3 +451,15 @@ def test_the_students_backbone_round_trips_as_weights_of_a_new_network(tmp_path)
     # The same file starts a single-task classification backbone (model.weights).
     cnn = build_backbone("cnn-tiny", num_classes=3, in_chans=1, weights=str(tmp_path / "backbone.safetensors"))
     assert torch.equal(cnn.features[0][0].weight, trained.backbone.features[0][0].weight)
+
+
+def test_a_bad_pool_image_is_skipped_counted_and_named(tmp_path):
+    from _formats import write_images
+
+    root = write_images(tmp_path / "pool", [("s", build_source("scenes:train?n=4"))])
+    (root / "broken.png").write_bytes(b"")  # zero bytes: not an image
+    overrides = base(CLASS_TWO[:3]) + [f"data.unlabeled=imagefolder:{root}", "data.image_size=32"]
+    _, _, store = label(tmp_path, overrides)
+    manifest = store.manifest
+    assert (manifest["total"], manifest["processed"], manifest["skipped"]) == (5, 4, 1)
+    assert manifest["skips"][0]["key"].endswith("broken.png") and store.read().num_rows == 4
