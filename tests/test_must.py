@@ -463,3 +463,17 @@ def test_a_bad_pool_image_is_skipped_counted_and_named(tmp_path):
     manifest = store.manifest
     assert (manifest["total"], manifest["processed"], manifest["skipped"]) == (5, 4, 1)
     assert manifest["skips"][0]["key"].endswith("broken.png") and store.read().num_rows == 4
+
+
+def test_set_reaches_teachers_of_a_shipped_config():
+    from pathlib import Path
+
+    from selftrain.config import load_config
+
+    path = Path(__file__).parents[1] / "configs/must/example.yaml"
+    cfg = load_config(path, ["must.teachers.1.spec=none", "must.teachers.1.human=pool", "must.teachers.4.task=keypoints",
+                             "must.teachers.4.spec=none", "must.teachers.4.human=pool"])  # fmt: skip
+    assert [t.key for t in cfg.must.teachers] == ["segmentation", "depth", "detection", "classification", "keypoints"]
+    assert cfg.must.teachers[1].spec == "none" and cfg.must.teachers[1].data == "scenes:train?n=200&seed=2"
+    with pytest.raises(ConfigError, match="must.teachers.1.spek: unknown key"):
+        load_config(path, ["must.teachers.1.spek=none"])
