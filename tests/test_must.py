@@ -326,6 +326,12 @@ def test_cli_must_end_to_end_with_trained_checkpoint_and_ground_truth_teachers(t
     from selftrain.backbones import build_feature_backbone
 
     build_feature_backbone("cnn-tiny", in_chans=1, weights=str(out / "must/student/backbone.safetensors"))
+    from selftrain.must.transfer import transfer_backbones
+
+    hooks = transfer_backbones(RunFolder(out), build_config({}, base(*teachers) + ["must.student.augment=S4"]))
+    assert hooks == {"must": out / "must/student/backbone.safetensors",
+                     "supervised:segmentation": out / "must/teach/segmentation/teach/model.safetensors",
+                     "supervised:detection": out / "must/teach/detection/teach/model.safetensors"}  # fmt: skip
     before = (out / "must/student/model.safetensors").stat().st_mtime_ns
     result = runner.invoke(app, ["must-student", "--out", str(out), *sets], catch_exceptions=False)
     assert result.exit_code == 0 and (out / "must/student/model.safetensors").stat().st_mtime_ns == before
