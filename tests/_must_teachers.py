@@ -35,3 +35,8 @@ def bright_mask(images: torch.Tensor):
         targets.append({"mask": mask})
         confidence.append(float((mask != 255).float().mean()))
     return targets, torch.tensor(confidence)
+
+
+def wrong_keys(images: torch.Tensor):
+    """A broken teacher: segmentation labels under the wrong key."""
+    return [{"masks": torch.zeros(images.shape[-2:], dtype=torch.long)} for _ in images], torch.ones(len(images))

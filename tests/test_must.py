@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 from _must_teachers import CLASS, bright_mask, skips_odd
 from typer.testing import CliRunner
 
@@ -19,9 +20,10 @@ from selftrain.config import ConfigError, build_config
 from selftrain.data import build_source
 from selftrain.data.targets import IGNORE_INDEX
 from selftrain.engine import build_runtime
-from selftrain.must.data import MultiTaskRecords, TaskBatch
+from selftrain.must.data import MultiTaskRecords, TaskBatch, TaskSampler
 from selftrain.must.label import HUMAN, MISSING, PSEUDO, must_label, uses_ground_truth
-from selftrain.must.teachers import file_digest, resize_target
+from selftrain.label import file_sha256
+from selftrain.must.teachers import resize_target
 from selftrain.must.network import HeadSpec, HeadView, MultiTaskNetwork, MultiTaskSpec, load_multitask_network
 from selftrain.must.pipeline import run_must
 from selftrain.must.student import TaskLossWeights, heuristic_weights, joint_augment, task_losses
@@ -182,6 +184,30 @@ def test_joint_batches_carry_only_the_tasks_each_image_has(labeled):
         MultiTaskRecords(store.root, {"normals": tasks["depth"]}, {})
 
 
+def test_task_sampling_joint_or_one_task_per_step_is_seeded_and_covers_each_task(labeled):
+    _, _, store = labeled
+    tasks = {"bright": build_task("segmentation", list("abcdefghijk")), "depth": build_task("depth", []),
+             "classification": build_task("classification", list("abcdefghijk"))}  # fmt: skip
+    records = MultiTaskRecords(store.root, tasks, {})
+    joint = TaskSampler(records, "joint", 5, seed=3)
+    chosen, batch = joint(0)
+    assert len(chosen) == 5 and set(batch) <= set(tasks) and len(batch["classification"].rows) == 5
+    again = TaskSampler(records, "joint", 5, seed=3)(0)[0]
+    assert chosen.tolist() == again.tolist()  # a pure function of (seed, step): resume draws the same batches
+    robin = TaskSampler(records, "round-robin", 3, seed=3)
+    seen = {k: set() for k in tasks}
+    for step in range(3 * 12):
+        chosen, batch = robin(step)
+        key = list(tasks)[step % 3]
+        assert list(batch) == [key] and len(chosen) == 3 and records.present[key][chosen].all()
+        assert batch[key].rows.tolist() == [0, 1, 2]
+        seen[key] |= set(chosen.tolist())
+    # Over 12 steps of 3 images each task has gone through all the records it has.
+    assert all(seen[k] == set(np.flatnonzero(records.present[k]).tolist()) for k in tasks)
+    with pytest.raises(ValueError, match="unknown sampling"):
+        TaskSampler(records, "random", 3, seed=0)
+
+
 def _network(tasks: dict) -> MultiTaskNetwork:
     heads = [HeadSpec(k, t.name, int(t.num_classes)) for k, t in tasks.items()]
     spec = MultiTaskSpec("cnn-tiny", 1, 16, [0.5], [0.25], heads)
@@ -289,6 +315,10 @@ def test_cli_must_end_to_end_with_trained_checkpoint_and_ground_truth_teachers(t
     assert {("segmentation", "supervised", "random", "miou"), ("segmentation", "must", "must", "miou"),
             ("depth", "must", "must", "absrel")} <= got  # fmt: skip
     assert all(np.isfinite(float(r["value"])) for r in rows)
+    stats = json.loads((out / "must/label/manifest.json").read_text())["stats"]
+    # measured against the pool scenes' hidden targets (a 2-step teacher labels few pixels: mIoU needs one)
+    assert "coverage" in stats["segmentation"]["quality"] and {"ap", "ap50"} <= set(stats["detection"]["quality"])
+    assert "quality" not in stats["depth"]  # ground truth only: no pseudo label to measure
     done = json.loads((out / "must/student/done.json").read_text())
     assert set(done["records"]) == {"segmentation", "bright", "depth", "detection"} and done["records"]["depth"] < 12
 
@@ -296,29 +326,46 @@ def test_cli_must_end_to_end_with_trained_checkpoint_and_ground_truth_teachers(t
     from selftrain.backbones import build_feature_backbone
 
     build_feature_backbone("cnn-tiny", in_chans=1, weights=str(out / "must/student/backbone.safetensors"))
+    from selftrain.must.transfer import transfer_backbones
+
+    hooks = transfer_backbones(RunFolder(out), build_config({}, base(*teachers) + ["must.student.augment=S4"]))
+    assert hooks == {"must": out / "must/student/backbone.safetensors",
+                     "supervised:segmentation": out / "must/teach/segmentation/teach/model.safetensors",
+                     "supervised:detection": out / "must/teach/detection/teach/model.safetensors"}  # fmt: skip
     before = (out / "must/student/model.safetensors").stat().st_mtime_ns
     result = runner.invoke(app, ["must-student", "--out", str(out), *sets], catch_exceptions=False)
     assert result.exit_code == 0 and (out / "must/student/model.safetensors").stat().st_mtime_ns == before
     ckpt = ["task=segmentation", f"spec=checkpoint:{out / 'must/teach/segmentation'}"]
     _, _, store = label(tmp_path, base(ckpt), "from-checkpoint")
     fingerprint = store.header["fingerprint"]["teachers"]["segmentation"]["model"]["weights"]
-    assert fingerprint == file_digest(out / "must/teach/segmentation/teach/model.safetensors")
+    assert fingerprint == file_sha256(out / "must/teach/segmentation/teach/model.safetensors")
     assert runner.invoke(app, ["report", str(out)], catch_exceptions=False).exit_code == 0
 
 
-def test_timm_teacher_with_local_weights_labels_the_pool(tmp_path):
-    import timm
+def _hub_model(spec: str) -> torch.nn.Module:
+    """A 3-class model as timm or torchvision builds it, random weights (nothing downloaded)."""
+    kind, name = spec.split(":")
+    if kind == "timm":
+        import timm
 
+        return timm.create_model(name, pretrained=False, num_classes=3)
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, num_classes=3)
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet10t", "torchvision:mobilenet_v3_small"])
+def test_timm_and_torchvision_teachers_with_local_weights_label_the_pool(spec, tmp_path):
     from selftrain.checkpoint import save_weights
 
-    model = timm.create_model("resnet10t", pretrained=False, num_classes=3, in_chans=3)
-    save_weights(tmp_path / "w.safetensors", model.state_dict())
-    teacher = ["task=classification", "spec=timm:resnet10t", f"weights={tmp_path / 'w.safetensors'}", "classes=[x, y, z]", "input_size=32"]
+    save_weights(tmp_path / "w.safetensors", _hub_model(spec).state_dict())
+    teacher = ["task=classification", f"spec={spec}", f"weights={tmp_path / 'w.safetensors'}", "classes=[x, y, z]", "input_size=32"]
     _, _, store = label(tmp_path, base(teacher))
     table = store.read()
     probs = np.asarray(table.column("classification.probs").to_pylist())
     assert probs.shape == (12, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert set(table.column("classification.source").to_pylist()) == {PSEUDO}
+    assert store.header["fingerprint"]["teachers"]["classification"]["model"]["model"] == spec
 
 
 # --------------------------------------------------------------------------- config
@@ -351,6 +398,88 @@ def test_config_refuses_two_teachers_with_one_name_and_bad_list_indices():
         run_must(build_config({}, ["engine.progress=false"]), "unused")
 
 
-def test_callable_teacher_that_cannot_be_imported_is_an_error_naming_the_key(tmp_path):
+def test_callable_teacher_that_cannot_be_imported_or_returns_bad_labels_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"must.teachers.0.spec: cannot import callable:_must_teachers:nothing"):
         label(tmp_path, base(["task=depth", "spec=callable:_must_teachers:nothing"]))
+    with pytest.raises(ValueError, match=r"teacher 'seg' returned \['masks'\] for task segmentation, which needs a dict with mask"):
+        label(tmp_path, base(["task=segmentation", "name=seg", "spec=callable:_must_teachers:wrong_keys", f"classes={CLASSES}"]), "bad")
+
+
+def test_single_task_configs_are_saved_without_the_must_section():
+    from selftrain.config import dump_config
+
+    assert "must:" not in dump_config(build_config({}, []))  # run folders from before MuST still resume
+    dumped = dump_config(build_config({}, ["must.loss_weights=user"]))
+    assert "must:" in dumped and build_config(yaml.safe_load(dumped)).must.loss_weights == "user"
+
+
+def test_an_interrupted_student_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from selftrain.must import student as must_student_module
+
+    overrides = base(BRIGHT, DEPTH_HALF) + ["must.student.steps=4", "must.student.augment=S4",
+                                            "must.loss_weights=normalized", "must.student.sampling=round-robin"]  # fmt: skip
+    cfg = build_config({}, overrides)
+    whole = run_must(cfg, tmp_path / "whole")
+    calls = []
+    real = must_student_module.TaskLossWeights.forward
+
+    def dies_at_the_fourth_step(self, losses):
+        calls.append(1)
+        if len(calls) == 4:  # after the checkpoint of step 2 (engine.checkpoint_every=2), before step 4's update
+            raise KeyboardInterrupt("killed")
+        return real(self, losses)
+
+    monkeypatch.setattr(must_student_module.TaskLossWeights, "forward", dies_at_the_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_must(cfg, tmp_path / "killed")
+    monkeypatch.setattr(must_student_module.TaskLossWeights, "forward", real)
+    resumed = run_must(cfg, tmp_path / "killed")
+    a = load_file(whole / "must/student/model.safetensors")
+    b = load_file(resumed / "must/student/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_students_backbone_round_trips_as_weights_of_a_new_network(tmp_path):
+    from selftrain.backbones import build_backbone
+    from selftrain.checkpoint import save_weights
+    from selftrain.must.network import backbone_state
+
+    tasks = {"seg": build_task("segmentation", ["a", "b"]), "cls": build_task("classification", ["a", "b", "c"])}
+    trained = _network(tasks)
+    save_weights(tmp_path / "backbone.safetensors", backbone_state(trained))
+    torch.manual_seed(1)  # other initial weights: what must.student.init replaces
+    student = MultiTaskNetwork(trained.spec, weights=str(tmp_path / "backbone.safetensors"), tasks=tasks)
+    for (name, a), (_, b) in zip(trained.backbone.state_dict().items(), student.backbone.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(trained.heads["cls"].fc.weight, student.heads["cls"].fc.weight)  # heads start afresh
+    # The same file starts a single-task classification backbone (model.weights).
+    cnn = build_backbone("cnn-tiny", num_classes=3, in_chans=1, weights=str(tmp_path / "backbone.safetensors"))
+    assert torch.equal(cnn.features[0][0].weight, trained.backbone.features[0][0].weight)
+
+
+def test_a_bad_pool_image_is_skipped_counted_and_named(tmp_path):
+    from _formats import write_images
+
+    root = write_images(tmp_path / "pool", [("s", build_source("scenes:train?n=4"))])
+    (root / "broken.png").write_bytes(b"")  # zero bytes: not an image
+    overrides = base(CLASS_TWO[:3]) + [f"data.unlabeled=imagefolder:{root}", "data.image_size=32"]
+    _, _, store = label(tmp_path, overrides)
+    manifest = store.manifest
+    assert (manifest["total"], manifest["processed"], manifest["skipped"]) == (5, 4, 1)
+    assert manifest["skips"][0]["key"].endswith("broken.png") and store.read().num_rows == 4
+
+
+def test_set_reaches_teachers_of_a_shipped_config():
+    from pathlib import Path
+
+    from selftrain.config import load_config
+
+    path = Path(__file__).parents[1] / "configs/must/example.yaml"
+    cfg = load_config(path, ["must.teachers.1.spec=none", "must.teachers.1.human=pool", "must.teachers.4.task=keypoints",
+                             "must.teachers.4.spec=none", "must.teachers.4.human=pool"])  # fmt: skip
+    assert [t.key for t in cfg.must.teachers] == ["segmentation", "depth", "detection", "classification", "keypoints"]
+    assert cfg.must.teachers[1].spec == "none" and cfg.must.teachers[1].data == "scenes:train?n=200&seed=2"
+    with pytest.raises(ConfigError, match="must.teachers.1.spek: unknown key"):
+        load_config(path, ["must.teachers.1.spek=none"])

@@ -318,7 +318,11 @@ class MustStudentConfig(_Strict):
     """The multi-task student: one backbone with a feature pyramid and one head per teacher."""
 
     steps: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=1, description="pool images per step; every image carries the tasks it has")
+    batch_size: int = Field(64, ge=1, description="pool images per step")
+    sampling: Literal["joint", "round-robin"] = Field(
+        "joint", description="joint: every image of a step brings every task it has; round-robin: step s trains "
+        "task s mod T on images that have it (for tasks with labels on few images)",
+    )  # fmt: skip
     augment: Augment = Field("S1", description="applied jointly to the image and every dense pseudo label")
     init: str = Field("scratch", description="scratch | path to a weights file for the backbone")
     average_decay: float = Field(0.99, ge=0, lt=1, description="decay of the per-task loss averages (normalized weights)")
@@ -537,5 +541,11 @@ def read_mapping(path: str | Path, what: str = "config file", top: str = "of sec
 
 
 def dump_config(cfg: Config) -> str:
-    """The YAML form of a resolved config (every default written out)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The YAML form of a resolved config (every default written out).
+
+    The ``must`` section is written only when it is used (teachers declared or a key changed), so
+    the saved config of a single-task run is what it was before MuST existed and such a run folder
+    still resumes.
+    """
+    unused = cfg.must == MustConfig()
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"must"} if unused else None), sort_keys=False)

@@ -1,13 +1,20 @@
-"""Joint multi-task batches read from the MuST store.
+"""Multi-task batches read from the MuST store: joint batches, or one task per step.
 
-Sampling (documented choice): **joint batches**. Every student step draws ``must.student.batch_size``
-pool images (seeded epoch permutations, a pure function of the step, so a resumed run draws the same
-batches) out of the images that have at least one task, and every image brings all the tasks it has.
-Each task's loss is then computed over the images of the batch that have it and averaged over them,
-so a task missing for an image contributes nothing (no zero target, no gradient). Since every teacher
-labels the whole pool, each task normally sees the whole batch; ground-truth-only tasks (spec
-``none``) and callable teachers that skip images see fewer. The alternative, one task per step,
-would need one forward pass per task for the same images.
+``must.student.sampling``:
+
+``joint`` (default)
+    Every student step draws ``must.student.batch_size`` pool images out of those that have at least
+    one task, and every image brings all the tasks it has. Each task's loss is computed over the
+    images of the batch that have it and averaged over them, so a task missing for an image
+    contributes nothing (no zero target, no gradient). Every teacher labels the whole pool, so each
+    task normally sees the whole batch, and one backbone pass serves all tasks.
+``round-robin``
+    Step ``s`` trains task ``s mod T`` only, on a batch of images that have it. For a task with
+    labels on few images (ground truth only, spec ``none``), which a joint batch would rarely hold:
+    each task gets full batches, at the price of one backbone pass per task.
+
+Batches are seeded epoch permutations, a pure function of the step, so a resumed run draws the
+same batches.
 
 A record counts for a task when its source is ``human``, or ``pseudo`` with a confidence of at
 least the teacher's ``threshold`` (``must.teachers[i].threshold``, applied here so that it can be
@@ -20,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from selftrain.must.label import HUMAN, PSEUDO, store_column
+from selftrain.engine import BatchIndices
+
+from selftrain.must.label import HUMAN, PSEUDO, task_table
 from selftrain.store import PseudoLabelStore
 from selftrain.tasks.base import Target
 
@@ -70,15 +78,9 @@ class MultiTaskRecords:
         self.index = table.column("index").to_numpy()[rows]
         self.present = {k: v[rows] for k, v in present.items()}
         self.human = {k: v[rows] for k, v in human.items()}
-        self._tables = {k: self._task_table(table.take(rows), k, t) for k, t in tasks.items()}
+        self._tables = {k: task_table(table.take(rows), k, t) for k, t in tasks.items()}
         if len(rows) == 0:
             raise ValueError(f"{store_dir}: no record has a task that counts (every threshold too high?)")
-
-    @staticmethod
-    def _task_table(table: pa.Table, key: str, task) -> pa.Table:
-        """The teacher's columns under the task's own names, which ``task.decode_rows`` reads."""
-        columns = [c for c in task.pseudo_schema() if not c.endswith(".confidence")]
-        return pa.table({c: table.column(store_column(c, task.name, key)) for c in columns})
 
     def __len__(self) -> int:
         return len(self.index)
@@ -87,11 +89,14 @@ class MultiTaskRecords:
         """Records that count, per task."""
         return {k: int(v.sum()) for k, v in self.present.items()}
 
-    def batch(self, records: np.ndarray) -> dict[str, TaskBatch]:
-        """The tasks of records ``records`` (positions into :attr:`index`); tasks none of them has are left out."""
+    def batch(self, records: np.ndarray, only: str | None = None) -> dict[str, TaskBatch]:
+        """The tasks of records ``records`` (positions into :attr:`index`), or task ``only``; tasks none
+        of them has are left out."""
         records = np.asarray(records, dtype=np.int64)
         out = {}
         for key, task in self.tasks.items():
+            if only is not None and key != only:
+                continue
             has = self.present[key][records]
             if not has.any():
                 continue
@@ -99,3 +104,32 @@ class MultiTaskRecords:
             targets = task.decode_rows(self._tables[key].take(records[rows]))
             out[key] = TaskBatch(rows, targets, self.human[key][records[rows]])
         return out
+
+
+class TaskSampler:
+    """Which records, and which of their tasks, a student step learns from (see the module docstring).
+
+    Args:
+        records: The store's records.
+        sampling: ``joint`` or ``round-robin``.
+        batch_size: Images per step.
+        seed: Seeds the epoch permutations (the same for every run of that seed).
+    """
+
+    def __init__(self, records: MultiTaskRecords, sampling: str, batch_size: int, seed: int) -> None:
+        if sampling not in ("joint", "round-robin"):
+            raise ValueError(f"unknown sampling {sampling!r}; known: joint, round-robin")
+        self.records, self.sampling = records, sampling
+        self.keys = [k for k, n in records.counts().items() if n > 0]
+        self.joint = BatchIndices(len(records), batch_size, seed)
+        self.having = {k: np.flatnonzero(records.present[k]) for k in self.keys}
+        self.per_task = {k: BatchIndices(len(rows), batch_size, seed + 1 + i) for i, (k, rows) in enumerate(self.having.items())}
+
+    def __call__(self, step: int) -> tuple[np.ndarray, dict[str, TaskBatch]]:
+        """Step ``step`` -> (record positions (B,), ``{task: TaskBatch}``)."""
+        if self.sampling == "joint":
+            chosen = self.joint(step).numpy()
+            return chosen, self.records.batch(chosen)
+        key = self.keys[step % len(self.keys)]
+        chosen = self.having[key][self.per_task[key](step // len(self.keys)).numpy()]
+        return chosen, self.records.batch(chosen, only=key)

@@ -50,6 +50,20 @@ def store_column(task_column: str, task_name: str, key: str) -> str:
     return key + task_column[len(task_name) :]
 
 
+def task_table(table: pa.Table, key: str, task) -> pa.Table:
+    """Teacher ``key``'s value columns under the task's own names, which ``task.decode_rows`` reads."""
+    columns = [c for c in task.pseudo_schema() if not c.endswith(".confidence")]
+    return pa.table({c: table.column(store_column(c, task.name, key)) for c in columns})
+
+
+def same_classes(task, source: Source) -> bool:
+    """Whether ``source``'s targets mean what the task's outputs mean (class count; depth always does)."""
+    offset = {"classification": 0, "detection": 0, "segmentation": 1}.get(task.name)
+    if offset is None:
+        return True
+    return source.classes is not None and len(source.classes) + offset == task.num_classes
+
+
 def uses_ground_truth(seed: int, key: str, image_key: str, fraction: float) -> bool:
     """Whether the image ``image_key`` with ground truth for teacher ``key`` uses it (seeded, per image)."""
     if fraction >= 1.0:
@@ -77,11 +91,9 @@ class HumanLabels:
             self.source = build_source(tcfg.human, image_size=pool.image_size, channels=pool.channels, progress=False)
             self.lookup = {self.source.key(j): j for j in range(len(self.source))}
         task.check_source(self.source, f"{where}.human")
-        expected = {"classification": 0, "detection": 0, "segmentation": 1}.get(task.name)
-        classes = self.source.classes
-        if expected is not None and (classes is None or len(classes) + expected != task.num_classes):
-            raise ValueError(f"{where}.human={tcfg.human!r} has {len(classes or [])} classes; "
-                             f"teacher {tcfg.key!r} labels {task.num_classes - expected}")  # fmt: skip
+        if not same_classes(task, self.source):
+            raise ValueError(f"{where}.human={tcfg.human!r} has {len(self.source.classes or [])} classes; "
+                             f"teacher {tcfg.key!r} labels {task.num_classes - (task.name == 'segmentation')}")  # fmt: skip
 
     def targets(self, pool: Source, indices: np.ndarray) -> list[Target | None]:
         """Ground truth of ``pool[indices]`` where there is some and it is used, else None."""
@@ -108,24 +120,19 @@ class TaskLabels:
         self.types = {store_column(c, task.name, key): t for c, t in schema.items()}
         self.values: dict[str, list] = {c: [] for c in self.types}
         self.values[f"{key}.source"] = []
-        self.counts = {PSEUDO: 0, HUMAN: 0, MISSING: 0}
 
     def add(self, targets: list[Target | None], confidence: list[float | None], sources: list[str]) -> None:
+        """One batch: a target dict (or None: missing), a confidence and a source per image."""
         present = [n for n, t in enumerate(targets) if t is not None]
         encoded = self.task.record_columns([targets[n] for n in present]) if present else {}
-        for column, values in encoded.items():
-            full: list = [None] * len(targets)
-            for n, value in zip(present, values):
+        encoded = {store_column(c, self.task.name, self.key): v for c, v in encoded.items()}
+        encoded[f"{self.key}.confidence"] = [confidence[n] for n in present]
+        for column in self.types:
+            full: list = [None] * len(targets)  # null where the image has no label of this task
+            for n, value in zip(present, encoded.get(column, [])):
                 full[n] = value
-            self.values[store_column(column, self.task.name, self.key)] += full
-        for column in self.types:  # columns record_columns left out (none, or all rows missing)
-            if column not in {store_column(c, self.task.name, self.key) for c in encoded}:
-                if not column.endswith(".confidence"):
-                    self.values[column] += [None] * len(targets)
-        self.values[f"{self.key}.confidence"] += confidence
+            self.values[column] += full
         self.values[f"{self.key}.source"] += sources
-        for s in sources:
-            self.counts[s] += 1
 
     def columns(self) -> dict[str, pa.Array]:
         types = {**self.types, f"{self.key}.source": pa.string()}
@@ -151,8 +158,8 @@ def label_batch(teacher: Teacher | None, human: HumanLabels | None, pool: Source
     return targets, confidence, sources
 
 
-def label_shard(entries, pool: Source, indices: np.ndarray, cfg: Config, runtime: Runtime) -> tuple[pa.Table, list[dict], dict]:
-    """Every teacher's labels for one input shard -> (store table, skipped images, per-teacher counts)."""
+def label_shard(entries, pool: Source, indices: np.ndarray, cfg: Config, runtime: Runtime) -> tuple[pa.Table, list[dict]]:
+    """Every teacher's labels for one input shard -> (store table, skipped images)."""
     labels = {key: TaskLabels(key, task) for key, task, _, _ in entries}
     keys, kept, skips = [], [], []
     for start in range(0, len(indices), cfg.label.batch_size):
@@ -167,7 +174,7 @@ def label_shard(entries, pool: Source, indices: np.ndarray, cfg: Config, runtime
     columns = {"key": pa.array(keys, pa.string()), "index": pa.array(np.concatenate(kept) if kept else [], pa.int64())}
     for task_labels in labels.values():
         columns.update(task_labels.columns())
-    return pa.table(columns), skips, {k: v.counts for k, v in labels.items()}
+    return pa.table(columns), skips
 
 
 def build_entries(cfg: Config, run: RunFolder, runtime: Runtime, pool: Source) -> list[tuple[str, object, Teacher | None, HumanLabels | None]]:
@@ -209,11 +216,11 @@ def must_label(cfg: Config, run: RunFolder, runtime: Runtime) -> Path:
         return folder
     (folder / "skips").mkdir(exist_ok=True)
     for shard in tqdm(store.pending_shards(), desc="must-label", disable=not cfg.engine.progress, leave=False, unit="shard"):
-        table, skips, _ = label_shard(entries, pool, pool_idx[shard * size : (shard + 1) * size], cfg, runtime)
+        table, skips = label_shard(entries, pool, pool_idx[shard * size : (shard + 1) * size], cfg, runtime)
         # The skip list goes first: once the shard exists, its skips must be on disk too.
         atomic_write_text(folder / "skips" / f"shard-{shard:05d}.json", json.dumps(skips))
         store.write_shard(shard, table)
-    manifest = _manifest(store, cfg, entries, int(len(pool_idx)))
+    manifest = _manifest(store, cfg, entries, int(len(pool_idx)), pool)
     store.write_manifest(manifest)
     for key, stats in manifest["stats"].items():
         log.info("must-label: %s: %d pseudo, %d human, %d missing, mean pseudo confidence %s",
@@ -221,8 +228,31 @@ def must_label(cfg: Config, run: RunFolder, runtime: Runtime) -> Path:
     return folder
 
 
-def _manifest(store: PseudoLabelStore, cfg: Config, entries, total: int) -> dict:
-    """Counts per task and source, mean pseudo confidence, and how many pass the student's threshold."""
+def _has_truth(task, pool: Source) -> bool:
+    """Whether the pool hides targets of the task's kind and classes (scenes, or an annotated pool)."""
+    try:
+        task.check_source(pool, "pool")
+    except ValueError:
+        return False
+    return hasattr(pool, "load_targets") and same_classes(task, pool)
+
+
+def _pseudo_quality(store: PseudoLabelStore, key: str, task, pool: Source) -> dict[str, float]:
+    """The task's pseudo-label quality (``task.quality_meter``) of the pseudo records against the pool's hidden targets."""
+    meter = task.quality_meter()
+    values = [store_column(c, task.name, key) for c in task.pseudo_schema() if not c.endswith(".confidence")]
+    columns = ["index", f"{key}.source", *values]
+    for _, shard in store.iter_shards(columns, allow_partial=True):
+        rows = [i for i, s in enumerate(shard.column(f"{key}.source").to_pylist()) if s == PSEUDO]
+        if rows:
+            part = shard.take(rows)
+            meter.update(task.decode_rows(task_table(part, key, task)), task.metric_targets(pool, part.column("index").to_numpy()))
+    return {k: round(float(v), 4) for k, v in meter.compute().items()}
+
+
+def _manifest(store: PseudoLabelStore, cfg: Config, entries, total: int, pool: Source) -> dict:
+    """Counts per task and source, mean pseudo confidence, how many pass the student's threshold and,
+    where the pool hides targets of a dense task, the pseudo labels' quality against them."""
     skips = []
     for f in sorted((store.root / "skips").glob("shard-*.json")):
         skips += json.loads(f.read_text())
@@ -237,5 +267,7 @@ def _manifest(store: PseudoLabelStore, cfg: Config, entries, total: int) -> dict
             "mean_confidence": round(float(conf[pseudo].mean()), 4) if pseudo.any() else None,
             "pseudo_over_threshold": int((conf[pseudo] >= tcfg.threshold).sum()), "threshold": tcfg.threshold,
         }  # fmt: skip
+        if pseudo.any() and task.dense and _has_truth(task, pool):
+            stats[key]["quality"] = _pseudo_quality(store, key, task, pool)
     return {"stage": "must-label", "seed": cfg.seed, "pool": cfg.data.unlabeled, "teachers": store.header["fingerprint"]["teachers"],
             "total": total, "processed": total - len(skips), "skipped": len(skips), "skips": skips, "stats": stats}  # fmt: skip

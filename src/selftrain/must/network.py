@@ -10,7 +10,7 @@ The backbone alone is what transfers (:func:`backbone_state`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +28,6 @@ class HeadSpec:
     key: str
     task: str
     num_classes: int
-    classes: list[str] = field(default_factory=list)
 
 
 @dataclass

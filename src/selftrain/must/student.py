@@ -1,6 +1,6 @@
 """``must-student``: one multi-task student learns every teacher's labels (Ghiasi et al. 2021).
 
-Each step takes a joint batch (:mod:`selftrain.must.data`), augments it once with the strength
+Each step takes a joint batch, or one task's batch (``must.student.sampling``, :mod:`selftrain.must.data`), augments it once with the strength
 ``must.student.augment``, moving every dense label of every task with the image (one set of warps,
 each task's targets through it, keypoints with their own flip pairs), runs the shared backbone once,
 then each head on the images that have its task. The task losses, each the mean over those images of
@@ -34,8 +34,8 @@ from selftrain.atomic import atomic_write_text
 from selftrain.augment import BatchAugment, warp_targets
 from selftrain.checkpoint import save_weights
 from selftrain.config import Config
-from selftrain.engine import BatchIndices, Runtime, export_model, fit
-from selftrain.must.data import MultiTaskRecords, TaskBatch
+from selftrain.engine import Runtime, export_model, fit
+from selftrain.must.data import MultiTaskRecords, TaskBatch, TaskSampler
 from selftrain.must.label import store_dir
 from selftrain.must.network import HeadSpec, MultiTaskNetwork, MultiTaskSpec, backbone_state, spec_dict
 from selftrain.data import build_source
@@ -131,8 +131,7 @@ def task_losses(net: MultiTaskNetwork, x: torch.Tensor, batch: dict[str, TaskBat
         rows = torch.as_tensor(part.rows, device=x.device)
         with runtime.autocast():
             outputs = net.head_outputs(key, features, rows)
-        moved = task.to_device(task.batch_targets(targets[key]), runtime.device) if task.dense else task.batch_targets(targets[key]).to(runtime.device)
-        losses[key] = task.loss(outputs, moved).mean()
+        losses[key] = task.loss(outputs, task.to_device(task.batch_targets(targets[key]), runtime.device)).mean()
     return losses
 
 
@@ -142,13 +141,11 @@ def student_tasks(cfg: Config, run: RunFolder, pool) -> dict:
     for i, tcfg in enumerate(cfg.must.teachers):
         where = f"must.teachers.{i}"
         path = teacher_weights(run, tcfg)
-        if path is not None:
-            if not path.exists():
-                raise FileNotFoundError(f"{path} is missing: run must-label first (it trains the teachers)")
-            tasks[tcfg.key] = teacher_task(tcfg, pool, where, spec=json.loads(path.with_suffix(".json").read_text())["spec"])
-        else:
-            data = build_source(tcfg.data, progress=False) if tcfg.data else None
-            tasks[tcfg.key] = teacher_task(tcfg, pool, where, data=data)
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run must-label first (it trains the teachers)")
+        spec = json.loads(path.with_suffix(".json").read_text())["spec"] if path is not None else None
+        data = build_source(tcfg.data, progress=False) if tcfg.data else None
+        tasks[tcfg.key] = teacher_task(tcfg, pool, where, data=data, spec=spec)
     return tasks
 
 
@@ -169,22 +166,21 @@ def must_student(cfg: Config, run: RunFolder, runtime: Runtime) -> Path:
     records = MultiTaskRecords(store_dir(run), tasks, {t.key: t.threshold for t in cfg.must.teachers})
     mean, std = image_statistics(pool.load_batch(records.index[: min(len(records), 2000)]))
     sample = pool.load_batch(records.index[:1])
-    heads = [HeadSpec(k, t.name, int(t.num_classes), []) for k, t in tasks.items()]
+    heads = [HeadSpec(k, t.name, int(t.num_classes)) for k, t in tasks.items()]
     spec = MultiTaskSpec(cfg.model.backbone, int(sample.shape[1]), int(sample.shape[-1]), mean, std, heads)
     torch.manual_seed(cfg.seed)  # the initial weights are part of what a seed fixes
     net = MultiTaskNetwork(spec, weights=None if s.init == "scratch" else s.init, tasks=tasks).to(runtime.device)
     if runtime.channels_last:
         net.to(memory_format=torch.channels_last)
     aug = BatchAugment(s.augment)
-    batches = BatchIndices(len(records), s.batch_size, cfg.seed + 7)
+    sampler = TaskSampler(records, s.sampling, s.batch_size, cfg.seed + 7)
     fixed = heuristic_weights(cfg) if cfg.must.loss_weights == "heuristic" else {t.key: t.weight for t in cfg.must.teachers}
     combine = TaskLossWeights(list(tasks), cfg.must.loss_weights, None if cfg.must.loss_weights == "normalized" else fixed, s.average_decay)
     log.info("must-student: %d records (%s), loss weights %s", len(records), records.counts(),
              cfg.must.loss_weights if cfg.must.loss_weights == "normalized" else fixed)  # fmt: skip
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
-        chosen = batches(step).numpy()
-        batch = records.batch(chosen)
+        chosen, batch = sampler(step)
         x, targets = joint_augment(aug, runtime.images(pool.load_batch(records.index[chosen])), batch, tasks)
         losses = task_losses(net, x, batch, targets, tasks, runtime)
         return {"loss": combine(losses), **{f"loss_{k}": v.detach() for k, v in losses.items()}}

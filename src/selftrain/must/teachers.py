@@ -26,7 +26,6 @@ local file.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ from selftrain.checkpoint import read_state_dict
 from selftrain.config import FILE_IMAGE_SIZE, Config, MustTeacherConfig, build_config
 from selftrain.data import Source, build_source
 from selftrain.engine import Runtime
+from selftrain.label import file_sha256
 from selftrain.network import load_network
 from selftrain.outputs import RunFolder
 from selftrain.tasks import TASKS, build_task
@@ -114,7 +114,20 @@ class Teacher:
         if len(targets) != len(images) or len(confidence) != len(images):
             raise ValueError(f"teacher {self.key!r} returned {len(targets)} labels and {len(confidence)} "
                              f"confidences for {len(images)} images")  # fmt: skip
+        for t in targets:
+            if t is not None:
+                check_target(self.task, t, f"teacher {self.key!r}")
         return [None if t is None else resize_target(t, own, size) for t in targets], confidence
+
+
+def check_target(task, target: Target, who: str) -> None:
+    """Raises ValueError naming ``who`` unless ``target`` is a label of ``task`` (keys; class count)."""
+    needed = ("probs",) if task.name == "classification" else tuple(k for k in task.target_keys if k != "scores")
+    if not isinstance(target, dict) or any(k not in target for k in needed):
+        got = sorted(target) if isinstance(target, dict) else type(target).__name__
+        raise ValueError(f"{who} returned {got} for task {task.name}, which needs a dict with {', '.join(needed)}")
+    if task.name == "classification" and tuple(target["probs"].shape) != (task.num_classes,):
+        raise ValueError(f"{who} returned probs of shape {tuple(target['probs'].shape)}; its task has {task.num_classes} classes")
 
 
 def resize_target(target: Target, source: tuple[int, int], size: tuple[int, int]) -> Target:
@@ -165,6 +178,9 @@ def _sized(task: str, size: int, pool: Source):
     """A task of ``size`` outputs (segmentation: classes with the background); keypoints take the pool's flip pairs."""
     if task == "keypoints" and getattr(pool, "num_points", None) == size:
         return build_task(task, pool)
+    if task == "keypoints":
+        log.warning("keypoints teacher without a keypoints source (data:) of %d points: its flip pairs are unknown, "
+                    "so a mirrored image keeps its points' order; use student augment none or give data:", size)  # fmt: skip
     return TASKS.get(task)(size)
 
 
@@ -220,22 +236,18 @@ def _checkpoint_path(argument: str) -> Path:
     return path
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _network_teacher(tcfg: MustTeacherConfig, path: Path, pool: Source, label_cfg, runtime: Runtime, where: str) -> Teacher:
     net = load_network(path).to(runtime.device).eval()
     if net.spec.task != tcfg.task:
         raise ValueError(f"{where}.spec: {path} is a {net.spec.task} model, the teacher's task is {tcfg.task}")
-    task = teacher_task(tcfg, pool, where, spec=net.spec.__dict__)
+    data = build_source(tcfg.data, progress=False) if tcfg.data else None
+    task = teacher_task(tcfg, pool, where, data=data, spec=net.spec.__dict__)
+    if int(task.num_classes) != net.spec.num_classes:
+        raise ValueError(f"{where}.data: {tcfg.data!r} sizes the {tcfg.task} task to {task.num_classes} outputs, "
+                         f"the model {path} has {net.spec.num_classes}")  # fmt: skip
     return Teacher(
         tcfg.key, task, lambda x: task.pseudo_targets(net(x), label_cfg), net.spec.image_size, net.spec.channels,
-        [0.0], [1.0], {"weights": file_digest(path)},  # the network normalizes its input itself
+        [0.0], [1.0], {"weights": file_sha256(path)},  # the network normalizes its input itself
     )  # fmt: skip
 
 
@@ -275,7 +287,7 @@ def _hub_teacher(tcfg: MustTeacherConfig, pool: Source, label_cfg, runtime: Runt
 
     default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ([0.5], [0.25])
     return Teacher(tcfg.key, task, predict, tcfg.input_size, channels, tcfg.mean or default_mean,
-                   tcfg.std or default_std, {"weights": file_digest(Path(tcfg.weights)), "model": tcfg.spec})  # fmt: skip
+                   tcfg.std or default_std, {"weights": file_sha256(Path(tcfg.weights)), "model": tcfg.spec})  # fmt: skip
 
 
 def resolve_callable(reference: str, where: str) -> TeacherCallable:

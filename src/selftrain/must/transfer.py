@@ -17,6 +17,8 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from selftrain.config import Config
 from selftrain.data import build_source
 from selftrain.engine import Runtime
@@ -27,6 +29,7 @@ from selftrain.network import load_network
 from selftrain.outputs import RunFolder
 from selftrain.results import ResultRow, ResultsTable
 from selftrain.tasks import build_task
+from selftrain.transfer import evaluate
 
 log = logging.getLogger("selftrain.must")
 
@@ -46,10 +49,7 @@ def transfer_backbones(run: RunFolder, cfg: Config) -> dict[str, Path]:
 
 
 def _measure(net, task, uri: str, image_size: int, channels: int, cfg: Config, runtime: Runtime) -> dict[str, float]:
-    from selftrain.transfer import evaluate
-
-    import numpy as np
-
+    """The task's metrics of ``net`` on the whole test source ``uri`` at the model's image size."""
     test = build_source(uri, image_size=image_size, channels=channels, progress=False)
     task.check_source(test, "test")
     return evaluate(net, task, test, np.arange(len(test)), runtime, cfg.engine.eval_batch_size)
