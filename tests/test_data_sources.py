@@ -248,7 +248,7 @@ def test_real_fashion_mnist_test_split(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("uri", "kwargs", "needle"),
     [
-        ("s3://bucket", {}, "known schemes: fashion-mnist, idx, imagefolder"),
+        ("s3://bucket", {}, "known schemes: fashion-mnist, mnist, idx, imagefolder"),
         ("fashion-mnist:valid", {}, "unknown Fashion-MNIST split"),
         ("fashion-mnist", {"channels": 2}, "channels"),
         ("fashion-mnist", {"image_size": 0}, "image_size"),

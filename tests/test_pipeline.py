@@ -176,8 +176,7 @@ def test_teach_killed_and_resumed_gives_the_weights_of_an_uninterrupted_run(smal
     for _ in range(2):  # kill twice, each time just after a new checkpoint appeared
         seen = set(ckpt_dir.glob("step-*")) if ckpt_dir.exists() else set()
         proc = subprocess.Popen([sys.executable, "-c", TEACH_SCRIPT, str(killed), *overrides])
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
+        while proc.poll() is None:  # no wall-clock limit: a loaded machine only delays the first checkpoint
             if ckpt_dir.exists() and set(ckpt_dir.glob("step-*")) - seen:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
