@@ -152,7 +152,11 @@ def single_task_student(cfg: Config, run: RunFolder, runtime: Runtime, key: str)
     folder = benchmark_dir(run) / "backbones" / f"self-training-{key}"
     RunFolder(folder).write_provenance(sub)
     log.info("must-transfer: single-task student of %s", key)
-    must_student(sub, run, runtime, folder=folder)
+    try:
+        must_student(sub, run, runtime, folder=folder)
+    except ValueError as err:  # e.g. no pseudo label of this teacher passes its threshold
+        raise ValueError(f"the single-task student of teacher {key!r} cannot train: {err}; lower its threshold, or "
+                         f"leave self-training:{key} out of must.transfer.inits") from None  # fmt: skip
     return folder / "backbone.safetensors"
 
 
