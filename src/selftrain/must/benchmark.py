@@ -58,7 +58,8 @@ from selftrain.config import Config, ConfigError, DownstreamConfig, MustTeacherC
 from selftrain.engine import Runtime
 from selftrain.must.benchmark_report import STAGE
 from selftrain.must.student import must_student, student_dir
-from selftrain.must.teachers import open_pool, single_task_raw, teacher_weights
+from selftrain.must.teachers import open_pool, single_task_raw
+from selftrain.must.transfer import transfer_backbones
 from selftrain.network import Network, load_network
 from selftrain.outputs import RunFolder
 from selftrain.results import ResultRow, ResultsTable
@@ -182,17 +183,17 @@ def init_weights(cfg: Config, run: RunFolder, runtime: Runtime, init: str) -> Pa
     """The backbone file of row ``init`` (None for ``random``), trained first where it is missing."""
     if init == "random":
         return None
+    found = transfer_backbones(run, cfg)
     if init == "must":
-        path = student_dir(run) / "backbone.safetensors"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run the MuST student first (selftrain must or must-student)")
-        return path
+        if "must" not in found:
+            raise FileNotFoundError(f"{student_dir(run) / 'backbone.safetensors'} is missing: run the MuST student first "
+                                    "(selftrain must or must-student)")  # fmt: skip
+        return found["must"]
     if init == "supervised":
-        tcfg = supervised_teacher(cfg)
-        weights = teacher_weights(run, tcfg)
-        if weights is None or not weights.exists():
-            raise FileNotFoundError(f"teacher {tcfg.key}'s weights {weights} are missing: run must-label first (it trains the teachers)")
-        return export_backbone(weights, benchmark_dir(run) / "backbones" / "supervised" / "backbone.safetensors")
+        key = supervised_teacher(cfg).key
+        if f"supervised:{key}" not in found:
+            raise FileNotFoundError(f"teacher {key}'s weights are missing: run must-label first (it trains the teachers)")
+        return export_backbone(found[f"supervised:{key}"], benchmark_dir(run) / "backbones" / "supervised" / "backbone.safetensors")
     kind, _, arg = init.partition(":")
     if kind == "self-training":
         return single_task_student(cfg, run, runtime, arg)
