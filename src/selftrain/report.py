@@ -533,7 +533,9 @@ def build_report(out_dir: str | Path, *, title: str | None = None) -> dict[str, 
             "accuracy": _Plot("accuracy per method", _plot_accuracy(summary), "no rows in any results.csv"),
             "confidence": _Plot("pseudo-label confidence", _plot_confidence(labels),
                                 "no label manifest with a confidence histogram"),
-            "curves": _Plot("training curves", _plot_curves(curves), "no metrics.jsonl with loss or eval_top1 values"),
+            # A MuST benchmark's cells are dozens of short fine-tunings: their curves would bury the rest.
+            "curves": _Plot("training curves", _plot_curves([c for c in curves if not c.label.startswith("must/benchmark/cells/")]),
+                            "no metrics.jsonl with loss or eval_top1 values"),
         }  # fmt: skip
     else:
         settings = rethinking.settings(rows)
