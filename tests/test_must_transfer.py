@@ -207,6 +207,7 @@ def test_verdict_on_a_hand_made_results_csv_counts_the_tasks_must_wins(tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "MuST matches or beats every single-task student on 3 of 4 downstream tasks." in md
     assert "short of" not in md and "meets the bar" in md
+    assert "keypoints 10% finetune: nme ↓" in md and "finetune on" not in md  # headers name a test set only when needed
     # detection: 11.5 vs 12.0 with seed stds 0.71 and 1.41 -> matched within the spread; keypoints: 13.25 vs 10.25 -> trails
     assert re.search(r"detection.*matches every|detection.*matches or beats", md)
     assert "matches self-training:b 12.00 ± 1.41 (within the seed spread)" in md
@@ -281,3 +282,12 @@ def test_must_transfer_without_downstream_tasks_is_a_clear_error(tmp_path):
     cfg = build_config({}, ["must.teachers.0.task=segmentation", "must.teachers.0.data=scenes:train?n=12"])
     with pytest.raises(ConfigError, match="must.transfer.downstream: no downstream task"):
         run_must(cfg, tmp_path / "run", stages=["transfer"])
+
+
+def test_columns_with_the_same_task_fraction_and_protocol_name_their_test_sets(tmp_path):
+    rows = [_row(i, "classification", ds, "top1", v, 0) for ds in ("mnist:test", "fashion-mnist:test")
+            for i, v in (("self-training:a", 50.0), ("must", 60.0))]  # fmt: skip
+    ResultsTable(tmp_path / "results.csv").add(rows)
+    (grid,) = build_report(tmp_path)["must_transfer"]
+    assert grid.header[1:] == ["classification 10% finetune on mnist:test: top1 ↑", "classification 10% finetune on fashion-mnist:test: top1 ↑"]
+    assert [c.bold for c in grid.rows[1][1:]] == [True, True]

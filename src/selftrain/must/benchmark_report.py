@@ -40,6 +40,7 @@ class Column:
     method: str
     metric: str
     values: dict[str, dict[int, float]] = field(default_factory=dict)
+    named: bool = False  # another column has the same task, fraction and method: the header names the test set
 
     @property
     def higher(self) -> bool:
@@ -48,7 +49,8 @@ class Column:
     @property
     def header(self) -> str:
         arrow = "↑" if self.higher else "↓"
-        return f"{self.task} {format_fraction(self.label_fraction)} {self.method}: {self.metric} {arrow}"
+        where = f" on {self.dataset}" if self.named else ""
+        return f"{self.task} {format_fraction(self.label_fraction)} {self.method}{where}: {self.metric} {arrow}"
 
     @property
     def name(self) -> str:
@@ -88,6 +90,8 @@ def columns(rows: Iterable[ResultRow]) -> list[Column]:
             if r.metric == metric:
                 col.values.setdefault(r.init, {})[r.seed] = r.value
         out.append(col)
+    for col in out:
+        col.named = sum((c.task, c.label_fraction, c.method) == (col.task, col.label_fraction, col.method) for c in out) > 1
     return out
 
 
@@ -102,21 +106,21 @@ def transfer_grid(cols: list[Column]):
     from selftrain.report import _Cell, _Grid
 
     inits = sorted({i for c in cols for i in c.values}, key=init_order)
-    best = {}
+    best = []
     for c in cols:
         means = [s[0] for i in inits if (s := c.stats(i))]
-        best[c.header] = (max if c.higher else min)(means) if means else None
+        best.append((max if c.higher else min)(means) if means else None)
     rows = []
     for init in inits:
         row = [_Cell(init, attrs={"data-init": init})]
-        for c in cols:
+        for c, top in zip(cols, best):
             s = c.stats(init)
             if s is None:
                 row.append(_Cell("—"))
                 continue
             mean, std, n = s
             attrs = {"data-init": init, "data-column": c.header, "data-mean": repr(mean), "data-std": repr(std), "data-n": str(n)}
-            row.append(_Cell(f"{_num(mean, c.metric)} ± {_num(std, c.metric)}", f"n={n}", attrs, bold=mean == best[c.header]))
+            row.append(_Cell(f"{_num(mean, c.metric)} ± {_num(std, c.metric)}", f"n={n}", attrs, bold=mean == top))
         rows.append(row)
     caption = "MuST transfer: rows = pre-training method, columns = downstream task (↑ higher / ↓ lower is better); mean ± std over seeds, best in bold"
     return _Grid(caption, ["Pre-training", *[c.header for c in cols]], rows)
