@@ -21,7 +21,7 @@ from selftrain.must import benchmark
 from selftrain.must.benchmark import expand_inits, plan_cells
 from selftrain.must.benchmark_report import STAGE
 from selftrain.must.pipeline import run_must
-from selftrain.report import build_report
+from selftrain.report import build_report, format_table
 from selftrain.results import ResultRow, ResultsTable, read_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,6 +183,7 @@ def test_the_tables_numbers_are_the_results_csv_ones(bench, tmp_path):
     k, n = summary["must_verdict"]["matched"], summary["must_verdict"]["compared"]
     assert n == 2 and f"MuST matches or beats every single-task student on {k} of 2 downstream tasks." in md
     assert "<h2>MuST transfer</h2>" in (out / "report.html").read_text()
+    assert format_table(summary).startswith(grid.caption)  # `selftrain report` prints it first
 
 
 def _row(init, task, dataset, metric, value, seed, method="finetune"):
