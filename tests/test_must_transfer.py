@@ -292,3 +292,18 @@ def test_columns_with_the_same_task_fraction_and_protocol_name_their_test_sets(t
     (grid,) = build_report(tmp_path)["must_transfer"]
     assert grid.header[1:] == ["classification 10% finetune on mnist:test: top1 ↑", "classification 10% finetune on fashion-mnist:test: top1 ↑"]
     assert [c.bold for c in grid.rows[1][1:]] == [True, True]
+
+
+def test_a_dense_teachers_backbone_exported_for_the_supervised_row_loads_into_any_task(bench, tmp_path):
+    from selftrain.backbones import build_backbone, build_feature_backbone
+    from selftrain.network import load_network
+
+    _, out = bench
+    teacher = out / "must" / "teach" / "segmentation" / "teach" / "model.safetensors"
+    path = benchmark.export_backbone(teacher, tmp_path / "backbone.safetensors")
+    state = load_file(path)
+    dense = build_feature_backbone("cnn-tiny", in_chans=1, weights=str(path))
+    assert all((dense.state_dict()[k] == v).all() for k, v in state.items())
+    assert all((load_network(teacher).backbone.state_dict()[k] == v).all() for k, v in state.items())
+    classifier = build_backbone("cnn-tiny", num_classes=10, in_chans=1, weights=str(path))
+    assert all((classifier.state_dict()[k] == v).all() for k, v in state.items())
