@@ -139,14 +139,17 @@ def test_a_killed_benchmark_resumes_without_rerunning_a_finished_cell(bench, tmp
     assert ran == [lost[0].id]
 
     built = []
-    real_config = benchmark.downstream_config
-    monkeypatch.setattr(benchmark, "run_cell", real)
-    monkeypatch.setattr(benchmark, "downstream_config", lambda c, d, seed, w: built.append((d.key, seed)) or real_config(c, d, seed, w))
+
+    def records(cfg_, run_, runtime, cell, weights):
+        built.append(cell.id)
+        return real(cfg_, run_, runtime, cell, weights)
+
+    monkeypatch.setattr(benchmark, "run_cell", records)
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(cfg))
     result = runner.invoke(app, ["must-transfer", str(path), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert built == [(c.downstream, c.seed) for c in lost[1:]]  # only the two unfinished cells ran
+    assert built == [c.id for c in lost[1:]]  # only the two unfinished cells ran
     assert {c.id: (benchmark.cell_folder(run, c) / "cell.json").read_bytes() for c in cells[:-3]} == kept
     assert sorted(r.identity for r in bench_rows(out)) == before
     built.clear()
@@ -307,3 +310,14 @@ def test_a_dense_teachers_backbone_exported_for_the_supervised_row_loads_into_an
     assert all((load_network(teacher).backbone.state_dict()[k] == v).all() for k, v in state.items())
     classifier = build_backbone("cnn-tiny", num_classes=10, in_chans=1, weights=str(path))
     assert all((classifier.state_dict()[k] == v).all() for k, v in state.items())
+
+
+def test_a_benchmark_that_cannot_run_fails_before_anything_trains(tmp_path):
+    teacher = ["must.teachers.0.task=segmentation", "must.teachers.0.name=bright", "must.teachers.0.spec=callable:_must_teachers:bright_mask",
+               "must.teachers.0.classes=[a, b, c, d, e, f, g, h, i, j, k]", "data.unlabeled=scenes:train?n=12&seed=3"]  # fmt: skip
+    downstream = ["must.transfer.downstream.0.task=depth", "must.transfer.downstream.0.data=scenes:train?n=12&seed=2",
+                  "must.transfer.downstream.0.test=scenes:test?n=8", "must.transfer.inits=[random, supervised]"]  # fmt: skip
+    cfg = build_config({}, [*teacher, *downstream])
+    with pytest.raises(ConfigError, match="supervised needs a teacher with selftrain weights"):
+        run_must(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -125,6 +125,19 @@ def downstream_config(cfg: Config, d: DownstreamConfig, seed: int, weights: Path
     return build_config(raw, source=f"must.transfer.downstream {d.key}")
 
 
+def check_benchmark(cfg: Config) -> list[BenchmarkCell]:
+    """Builds every cell's config (and picks the supervised teacher) before anything trains, so a bad
+    benchmark section fails at once rather than after the teachers and the student."""
+    if not cfg.must.transfer.downstream:
+        raise ConfigError("must.transfer.downstream: no downstream task declared (see configs/must/demo.yaml)")
+    if "supervised" in cfg.must.transfer.inits:
+        supervised_teacher(cfg)
+    cells = plan_cells(cfg)
+    for d in cfg.must.transfer.downstream:
+        downstream_config(cfg, d, cfg.must.transfer.seeds[0], None)
+    return cells
+
+
 # ----------------------------------------------------------------------------- backbones
 
 
@@ -261,9 +274,7 @@ def merge_rows(cfg: Config, run: RunFolder) -> list[ResultRow]:
 
 def run_benchmark(cfg: Config, run: RunFolder, runtime: Runtime) -> list[ResultRow]:
     """Builds the backbones the unfinished cells need, runs those cells, merges their rows into results.csv."""
-    if not cfg.must.transfer.downstream:
-        raise ConfigError("must.transfer.downstream: no downstream task declared (see configs/must/demo.yaml)")
-    cells = plan_cells(cfg)
+    cells = check_benchmark(cfg)
     atomic_write_text(benchmark_dir(run) / "plan.json", json.dumps([{"id": c.id, **asdict(c)} for c in cells], indent=1))
     todo = [c for c in cells if finished(run, c) is None]
     log.info("must-transfer: %d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))

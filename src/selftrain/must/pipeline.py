@@ -33,7 +33,7 @@ def run_must(cfg: Config, out: str | Path, *, stages: tuple[str, ...] | list[str
     declares tasks."""
     from selftrain.must.label import must_label
     from selftrain.must.student import must_student
-    from selftrain.must.benchmark import run_benchmark
+    from selftrain.must.benchmark import check_benchmark, run_benchmark
     from selftrain.must.transfer import must_results
     from selftrain.report import build_report
 
@@ -42,6 +42,8 @@ def run_must(cfg: Config, out: str | Path, *, stages: tuple[str, ...] | list[str
     todo = tuple(stages or (MUST_STAGES if cfg.must.transfer.downstream else MUST_STAGES[:2]))
     if unknown := [s for s in todo if s not in MUST_STAGES]:
         raise ValueError(f"unknown MuST stages {unknown}; known: {', '.join(MUST_STAGES)}")
+    if "transfer" in todo:
+        check_benchmark(cfg)
     run = RunFolder(out)
     if resume == "never" and run.root.exists() and any(run.root.iterdir()):
         raise FileExistsError(f"{run.root} is not empty and --resume never was given")
