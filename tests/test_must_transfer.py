@@ -321,3 +321,20 @@ def test_a_benchmark_that_cannot_run_fails_before_anything_trains(tmp_path):
     with pytest.raises(ConfigError, match="supervised needs a teacher with selftrain weights"):
         run_must(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_cells_run_in_parallel_processes_give_the_rows_of_a_serial_run(bench, tmp_path):
+    cfg, out = bench
+    out = copy_run(out, tmp_path / "run")
+    run = benchmark.RunFolder(out)
+    cells = plan_cells(cfg)
+    lost = [c for c in cells if c.init == "must"]
+    for cell in lost:
+        shutil.rmtree(benchmark.cell_folder(run, cell))
+    before = {r.identity: r.value for r in bench_rows(out)}
+    parallel = build_config(cfg.model_dump(mode="json"), ["must.transfer.jobs=2"])
+    (out / "config.yaml").write_text(dump_config(parallel))
+    run_must(parallel, out, stages=["transfer"])
+    assert all((benchmark.cell_folder(run, c) / "cell.log").exists() for c in lost)  # each ran in a child
+    assert {r.identity: r.value for r in bench_rows(out)} == before  # one thread each: the same numbers

@@ -382,6 +382,7 @@ class MustTransferConfig(_Strict):
     )  # fmt: skip
     seeds: list[int] = Field([0, 1], min_length=1, description="downstream seeds: label subset, head init, batch order")
     single_task_steps: int | None = Field(None, ge=1, description="steps of each single-task student; None: must.student.steps")
+    jobs: int = Field(1, ge=1, description="cells run in parallel processes, the CPU's threads shared among them")
 
     @field_validator("inits")
     @classmethod

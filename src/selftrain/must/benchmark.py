@@ -279,8 +279,43 @@ def run_benchmark(cfg: Config, run: RunFolder, runtime: Runtime) -> list[ResultR
     todo = [c for c in cells if finished(run, c) is None]
     log.info("must-transfer: %d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
     weights = {init: init_weights(cfg, run, runtime, init) for init in dict.fromkeys(c.init for c in todo)}
+    jobs = min(cfg.must.transfer.jobs, len(todo))
+    if jobs > 1:
+        from selftrain.study import run_parallel, spawn_child
+
+        def spawn(cell: BenchmarkCell, threads: int):
+            w = weights[cell.init]
+            args = ["selftrain.must.benchmark", str(run.root), cell.id, str(threads), "-" if w is None else str(w)]
+            return spawn_child(cell_folder(run, cell), args, threads)
+
+        failed = run_parallel(todo, jobs, spawn, lambda cell: cell_folder(run, cell), "must-transfer")
+        rows = merge_rows(cfg, run)
+        if failed:
+            raise RuntimeError(f"{len(failed)} cell(s) failed: {', '.join(failed)}; fix and run again to resume")
+        return rows
     for i, cell in enumerate(todo, 1):
         log.info("must-transfer: cell %d/%d %s", i, len(todo), cell.id)
         run_cell(cfg, run, runtime, cell, weights[cell.init])
     return merge_rows(cfg, run)
+
+
+def _child(argv: list[str]) -> None:
+    """``python -m selftrain.must.benchmark OUT CELL_ID THREADS WEIGHTS|-``: one cell, in a child process."""
+    from selftrain.config import load_config
+    from selftrain.engine import build_runtime
+
+    out, cell_id, threads, weights = Path(argv[0]), argv[1], int(argv[2]), argv[3]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = load_config(out / "config.yaml")
+    runtime = build_runtime(cfg.engine)
+    if not cfg.engine.threads:
+        torch.set_num_threads(threads)
+    (cell,) = [c for c in plan_cells(cfg) if c.id == cell_id]
+    run_cell(cfg, RunFolder(out), runtime, cell, None if weights == "-" else Path(weights))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _child(sys.argv[1:])
 
