@@ -105,7 +105,7 @@ def _must(stages: list[str] | None, config: Path | None, out: Path, overrides: l
 
 @app.command()
 def must(config: ConfigArg = None, out: OutOpt = Path("runs/must"), set: SetOpt = None, resume: ResumeOpt = "auto", strict: StrictOpt = False) -> None:
-    """Multi-task self-training: the teachers label the pool (must-label), then one student learns every task."""
+    """Multi-task self-training: teachers label the pool, one student learns every task, then the transfer benchmark (when must.transfer declares downstream tasks)."""
     _must(None, config, out, set, resume, strict)
 
 
@@ -119,6 +119,12 @@ def must_label(config: ConfigArg = None, out: OutOpt = Path("runs/must"), set: S
 def must_student(config: ConfigArg = None, out: OutOpt = Path("runs/must"), set: SetOpt = None, resume: ResumeOpt = "auto", strict: StrictOpt = False) -> None:
     """Train the multi-task student on the store of --out and measure it on the teachers' test sets."""
     _must(["student"], config, out, set, resume, strict)
+
+
+@app.command("must-transfer")
+def must_transfer(config: ConfigArg = None, out: OutOpt = Path("runs/must"), set: SetOpt = None, resume: ResumeOpt = "auto", strict: StrictOpt = False) -> None:
+    """The MuST transfer benchmark (must.transfer): every init fine-tuned or probed on the downstream tasks; writes the report."""
+    _must(["transfer"], config, out, set, resume, strict)
 
 
 @app.command()

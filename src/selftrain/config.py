@@ -329,6 +329,89 @@ class MustStudentConfig(_Strict):
     optim: OptimConfig = OptimConfig()
 
 
+class DownstreamConfig(_Strict):
+    """One downstream task of the MuST transfer benchmark: held out from every teacher."""
+
+    name: str | None = Field(None, description="column name in the report and cell folders; default: the task")
+    task: str
+    data: str = Field(description="labeled source the backbone is fine-tuned (or probed) on")
+    test: str = Field(description="held-out source it is measured on")
+    label_fraction: float = Field(0.1, gt=0, le=1, description="seeded, stratified share of `data` used (nested across fractions)")
+    protocol: Literal["finetune", "linear"] = Field(
+        "finetune", description="finetune: the whole network from the init (the teach stage with model.weights); "
+        "linear: frozen backbone, a linear classifier on its pooled features (classification only)",
+    )  # fmt: skip
+    steps: int = Field(200, ge=1, description="finetune: training steps; linear: full-batch probe steps")
+    batch_size: int = Field(32, ge=1)
+    augment: Augment = "S1"
+    lr: float | None = Field(None, gt=0, description="finetune: None is teach.optim.lr; linear: None is transfer.linear_lr")
+    image_size: int | None = Field(None, ge=8, le=1024, description="None: the source's own size")
+
+    @model_validator(mode="after")
+    def _check(self) -> DownstreamConfig:
+        if self.task not in PIPELINE_TASKS:
+            raise ValueError(f"task: unknown task {self.task!r}; known: {', '.join(PIPELINE_TASKS)}")
+        if self.protocol == "linear" and self.task != "classification":
+            raise ValueError(f"protocol: linear probing is for classification; {self.task} is fine-tuned (finetune)")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.%-]*", self.name):
+            raise ValueError(f"name: {self.name!r} must be letters, digits, _ . % or -")
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.name or self.task
+
+
+#: Inits of the transfer benchmark; ``self-training`` alone means one single-task student per teacher.
+BENCHMARK_INITS = ("random", "supervised", "self-training", "self-training:<teacher>", "must", "ssl:<method>")
+
+
+class MustTransferConfig(_Strict):
+    """The MuST transfer benchmark (Ghiasi et al. 2021, Table 2): backbones from several pre-training
+    methods, each fine-tuned or linear-probed on downstream tasks that no teacher was trained on."""
+
+    downstream: list[DownstreamConfig] = []
+    inits: list[str] = Field(
+        ["random", "supervised", "self-training", "must"],
+        description="rows of the table: random | supervised | self-training (one single-task student per teacher) | "
+        "self-training:<teacher> | must | ssl:<method> (the pretrain stage on the pool)",
+    )  # fmt: skip
+    supervised: str | None = Field(
+        None, description="the teacher whose weights are the supervised init; None: the first classification "
+        "teacher with selftrain weights (train / checkpoint), else the first such teacher",
+    )  # fmt: skip
+    seeds: list[int] = Field([0, 1], min_length=1, description="downstream seeds: label subset, head init, batch order")
+    single_task_steps: int | None = Field(None, ge=1, description="steps of each single-task student; None: must.student.steps")
+    jobs: int = Field(1, ge=1, description="cells run in parallel processes, the CPU's threads shared among them")
+
+    @field_validator("inits")
+    @classmethod
+    def _known(cls, inits: list[str]) -> list[str]:
+        for init in inits:
+            kind, _, arg = init.partition(":")
+            ok = (kind in ("random", "supervised", "must") and not arg) or (kind == "self-training") or (
+                kind == "ssl" and arg in ("simclr", "moco", "byol", "swav"))  # fmt: skip
+            if not ok:
+                raise ValueError(f"unknown init {init!r}; allowed: {', '.join(BENCHMARK_INITS)} (ssl: simclr, moco, byol, swav)")
+        return list(dict.fromkeys(inits))
+
+    @field_validator("downstream")
+    @classmethod
+    def _unique_names(cls, tasks: list[DownstreamConfig]) -> list[DownstreamConfig]:
+        keys = [t.key for t in tasks]
+        if repeated := sorted({k for k in keys if keys.count(k) > 1}):
+            raise ValueError(f"downstream names must be unique (name defaults to the task), repeated: {', '.join(repeated)}")
+        settings = [(t.task, t.test, t.label_fraction, t.protocol) for t in tasks]
+        if len(set(settings)) != len(settings):
+            raise ValueError("two downstream tasks have the same task, test, label_fraction and protocol; their results would mix")
+        return tasks
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        return list(dict.fromkeys(seeds))
+
+
 class MustConfig(_Strict):
     """Multi-task self-training (MuST, Ghiasi et al. 2021): teachers label one pool, one student learns all tasks."""
 
@@ -338,6 +421,18 @@ class MustConfig(_Strict):
         "its moving average; user: the teachers' `weight`",
     )  # fmt: skip
     student: MustStudentConfig = MustStudentConfig()
+    transfer: MustTransferConfig = MustTransferConfig()
+
+    @model_validator(mode="after")
+    def _benchmark_teachers(self) -> MustConfig:
+        """``self-training:<teacher>`` and ``transfer.supervised`` name declared teachers."""
+        keys = [t.key for t in self.teachers]
+        named = [i.partition(":")[2] for i in self.transfer.inits if i.startswith("self-training:")]
+        if self.transfer.supervised is not None:
+            named.append(self.transfer.supervised)
+        if unknown := [k for k in named if k not in keys]:
+            raise ValueError(f"transfer: no teacher named {', '.join(unknown)}; teachers: {', '.join(keys) or 'none'}")
+        return self
 
     @field_validator("teachers")
     @classmethod

@@ -62,9 +62,14 @@ class _Cell:
     text: str
     note: str = ""
     attrs: dict[str, str] = field(default_factory=dict)
+    bold: bool = False
 
     def plain(self) -> str:
         return f"{self.text} ({self.note})" if self.note else self.text
+
+    def markdown(self) -> str:
+        text = f"**{self.text}**" if self.bold else self.text
+        return f"{text} ({self.note})" if self.note else text
 
 
 @dataclass
@@ -400,7 +405,7 @@ def _plot_curves(curves: list[_Curve]) -> bytes | None:
 
 def _md_table(grid: _Grid) -> str:
     lines = [f"**{grid.caption}**", "", "| " + " | ".join(grid.header) + " |", "|" + "---|" * len(grid.header)]
-    lines += ["| " + " | ".join(c.plain().replace("|", "\\|") for c in row) + " |" for row in grid.rows]
+    lines += ["| " + " | ".join(c.markdown().replace("|", "\\|") for c in row) + " |" for row in grid.rows]
     return "\n".join(lines)
 
 
@@ -408,7 +413,8 @@ def _html_table(grid: _Grid) -> str:
     def cell(c: _Cell) -> str:
         attrs = "".join(f' {k}="{html.escape(v)}"' for k, v in c.attrs.items())
         note = f' <span class="n">({html.escape(c.note)})</span>' if c.note else ""
-        return f"<td{attrs}>{html.escape(c.text)}{note}</td>"
+        text = f"<b>{html.escape(c.text)}</b>" if c.bold else html.escape(c.text)
+        return f"<td{attrs}>{text}{note}</td>"
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in grid.header)
     body = "\n".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in grid.rows)
@@ -419,7 +425,7 @@ def _html_table(grid: _Grid) -> str:
 def format_table(summary: dict[str, Any]) -> str:
     """The main tables of a :func:`build_report` summary as aligned plain text."""
     blocks = []
-    for grid in summary.get("rethinking") or _grids(summary):
+    for grid in [*summary.get("must_transfer", []), *(summary.get("rethinking") or _grids(summary))]:
         texts = [grid.header] + [[c.plain() for c in row] for row in grid.rows]
         widths = [max(len(r[i]) for r in texts) for i in range(len(grid.header))]
         lines = ["  ".join(t.ljust(w) for t, w in zip(r, widths)).rstrip() for r in texts]
@@ -437,7 +443,10 @@ def _sections(doc: dict[str, Any], markdown: bool) -> list[str]:
     def para(s: str) -> str:
         return s if markdown else f"<p>{html.escape(s)}</p>"
 
+    from selftrain.must.benchmark_report import section
+
     table = _md_table if markdown else _html_table
+    first = section(doc["rows"], markdown, table)  # the MuST transfer benchmark, when the folder has one
     note = _DELTA_NOTE if doc["grids"] else "No results."
     if any("(lower is better)" in g.caption for g in doc["grids"]):
         note += " " + _LOWER_NOTE
@@ -449,6 +458,7 @@ def _sections(doc: dict[str, Any], markdown: bool) -> list[str]:
         out += [h2("Findings"), *(findings_markup(doc["findings"], markdown) or [para("No results.")])]
     else:
         out = [h2("Results"), *[table(g) for g in doc["grids"]], para(note)]
+    out = first + out
     out.append(h2("Pseudo-label statistics"))
     no_labels = "No pseudo-label manifest with statistics was found."
     out.append(table(doc["labels"]) if doc["labels"].rows else para(no_labels))
@@ -512,13 +522,20 @@ def build_report(out_dir: str | Path, *, title: str | None = None) -> dict[str, 
     labels, curves = _load_manifests(out, notes), _load_curves(out, notes)
     table, deltas = main_table(rows)
     summary: dict[str, Any] = {"table": table, "deltas": deltas}
-    doc = {"grids": _grids(summary), "labels": _labels_grid(labels), "notes": notes}
+    doc = {"grids": _grids(summary), "labels": _labels_grid(labels), "notes": notes, "rows": rows}
+    from selftrain.must import benchmark_report
+
+    if cols := benchmark_report.columns(rows):
+        summary["must_transfer"] = [benchmark_report.transfer_grid(cols)]
+        summary["must_verdict"] = vars(benchmark_report.verdict(cols))
     if study is None:
         plots = {
             "accuracy": _Plot("accuracy per method", _plot_accuracy(summary), "no rows in any results.csv"),
             "confidence": _Plot("pseudo-label confidence", _plot_confidence(labels),
                                 "no label manifest with a confidence histogram"),
-            "curves": _Plot("training curves", _plot_curves(curves), "no metrics.jsonl with loss or eval_top1 values"),
+            # A MuST benchmark's cells are dozens of short fine-tunings: their curves would bury the rest.
+            "curves": _Plot("training curves", _plot_curves([c for c in curves if not c.label.startswith("must/benchmark/cells/")]),
+                            "no metrics.jsonl with loss or eval_top1 values"),
         }  # fmt: skip
     else:
         settings = rethinking.settings(rows)

@@ -345,33 +345,43 @@ def _die_with_parent() -> None:
         pass
 
 
-def _spawn(out: Path, cell: Cell, threads: int) -> subprocess.Popen:
-    folder = cell_folder(out, cell)
+def spawn_child(folder: Path, args: list[str], threads: int) -> subprocess.Popen:
+    """``python -m ARGS`` with ``threads`` threads, logging to ``folder/cell.log``, killed with its parent."""
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "selftrain.study", str(out), cell.id, str(threads)]
     with open(folder / "cell.log", "ab") as logfile:
-        return subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        return subprocess.Popen([sys.executable, "-m", *args], stdout=logfile, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent)  # fmt: skip
 
 
-def _run_parallel(out: Path, cells: list[Cell], jobs: int) -> list[str]:
-    """Runs ``cells`` in at most ``jobs`` child processes; returns the ids of cells that failed."""
+def _spawn(out: Path, cell: Cell, threads: int) -> subprocess.Popen:
+    return spawn_child(cell_folder(out, cell), ["selftrain.study", str(out), cell.id, str(threads)], threads)
+
+
+def run_parallel(cells: list, jobs: int, spawn, folder, what: str = "study") -> list[str]:
+    """Runs ``cells`` (anything with an ``id``) as ``spawn(cell, threads)`` child processes, at most ``jobs``
+    at a time, the CPU's threads shared among them; returns the ids of the cells that failed."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     todo, running, failed = list(cells), {}, []
     while todo or running:
         while todo and len(running) < jobs:
             cell = todo.pop(0)
-            log.info("study: cell %s (%d threads)", cell.id, threads)
-            running[cell.id] = _spawn(out, cell, threads)
-        for cell_id, proc in list(running.items()):
+            log.info("%s: cell %s (%d threads)", what, cell.id, threads)
+            running[cell.id] = (cell, spawn(cell, threads))
+        for cell_id, (cell, proc) in list(running.items()):
             if proc.poll() is not None:
                 del running[cell_id]
                 if proc.returncode != 0:
                     failed.append(cell_id)
-                    log.error("study: cell %s failed (exit %d); see %s", cell_id, proc.returncode,
-                              out / "cells" / cell_id / "cell.log")  # fmt: skip
+                    log.error("%s: cell %s failed (exit %d); see %s", what, cell_id, proc.returncode,
+                              folder(cell) / "cell.log")  # fmt: skip
         time.sleep(0.2)
     return failed
+
+
+def _run_parallel(out: Path, cells: list[Cell], jobs: int) -> list[str]:
+    """Runs ``cells`` in at most ``jobs`` child processes; returns the ids of cells that failed."""
+    return run_parallel(cells, jobs, lambda cell, threads: _spawn(out, cell, threads), lambda cell: cell_folder(out, cell))
 
 
 def _pretrain(out: Path, base: dict[str, Any], cells: list[Cell]) -> None:

@@ -153,9 +153,14 @@ def student_dir(run: RunFolder) -> Path:
     return run.root / "must" / "student"
 
 
-def must_student(cfg: Config, run: RunFolder, runtime: Runtime) -> Path:
-    """Trains (or reuses) the multi-task student; returns the path of its weights."""
-    folder = student_dir(run)
+def must_student(cfg: Config, run: RunFolder, runtime: Runtime, folder: Path | None = None) -> Path:
+    """Trains (or reuses) the multi-task student; returns the path of its weights.
+
+    It learns the tasks of ``cfg.must.teachers`` from the store and teachers of ``run``, and writes
+    into ``folder`` (default ``OUT/must/student``); the transfer benchmark's single-task students
+    are this with one teacher and a folder of their own.
+    """
+    folder = folder or student_dir(run)
     weights = folder / "model.safetensors"
     if read_done(folder) and weights.exists():
         log.info("must-student: already done in %s", folder)

@@ -187,22 +187,33 @@ def _sized(task: str, size: int, pool: Source):
 # --------------------------------------------------------------------------- building teachers
 
 
+def single_task_raw(cfg: Config, task: str, data: str, test: str | None, label_fraction: float,
+                    image_size: int | None, channels: int | None) -> dict:  # fmt: skip
+    """The MuST config as a single-task teach run's mapping: ``task`` learnt from ``data``, measured on ``test``.
+
+    Options that mean nothing for a dense task (classification's label options) are reset, so the
+    config validates whatever the MuST config says about them.
+    """
+    raw = cfg.model_dump(mode="json", exclude={"must"})
+    raw["task"] = task
+    raw["stages"] = ["teach"]
+    raw["data"].update(labeled=data, unlabeled=None, test=test, label_fraction=label_fraction,
+                       image_size=image_size, pool_limit=None)  # fmt: skip
+    if channels:
+        raw["data"]["channels"] = channels
+    if task != "classification":
+        raw["teach"]["label_smoothing"] = 0.0
+        raw["label"] = {}
+        raw["transfer"] = {}
+    return raw
+
+
 def teacher_config(cfg: Config, tcfg: MustTeacherConfig) -> Config:
     """The single-task config that trains teacher ``tcfg`` (spec ``train``): its task, data and test set.
 
     Its images keep their own size unless ``input_size`` says otherwise; the pool is resized to it.
     """
-    raw = cfg.model_dump(mode="json", exclude={"must"})
-    raw["task"] = tcfg.task
-    raw["stages"] = ["teach"]
-    raw["data"].update(labeled=tcfg.data, unlabeled=None, test=tcfg.test, label_fraction=tcfg.label_fraction,
-                       image_size=tcfg.input_size, pool_limit=None)  # fmt: skip
-    if tcfg.channels:
-        raw["data"]["channels"] = tcfg.channels
-    if tcfg.task != "classification":
-        raw["teach"]["label_smoothing"] = 0.0
-        raw["label"] = {}
-        raw["transfer"] = {}
+    raw = single_task_raw(cfg, tcfg.task, tcfg.data, tcfg.test, tcfg.label_fraction, tcfg.input_size, tcfg.channels)
     return build_config(raw, source=f"teacher {tcfg.key}")
 
 

@@ -5,10 +5,9 @@ round 0; only selftrain networks: ``train`` and ``checkpoint:`` teachers) and th
 that task (method ``must``, init ``must``, round 1), as rows of ``results.csv`` with stage ``must``,
 so ``selftrain report`` compares them per task.
 
-The transfer benchmark (several downstream tasks x label fractions x seeds) starts from
-:func:`transfer_backbones`: the student's backbone (``OUT/must/student/backbone.safetensors``, under
-the names a plain backbone has, so ``model.weights`` of any run loads it) and each selftrain teacher's
-weights, by init name.
+The transfer benchmark (:mod:`selftrain.must.benchmark`) starts from :func:`transfer_backbones`:
+the student's backbone (``OUT/must/student/backbone.safetensors``, under the names a plain backbone
+has, so ``model.weights`` of any run loads it) and each selftrain teacher's weights, by init name.
 """
 
 from __future__ import annotations
