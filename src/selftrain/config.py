@@ -284,8 +284,11 @@ class Config(_Strict):
         """Options of a method other than the chosen one, or missing data, are errors naming the keys."""
         p, problems = self.pretrain, []
         for name in ("simclr", "moco", "byol", "swav"):
-            if name != p.method and getattr(p, name).model_fields_set:
-                keys = ", ".join(f"pretrain.{name}.{k}" for k in sorted(getattr(p, name).model_fields_set))
+            options = getattr(p, name)
+            # Values other than the defaults: a saved config writes every default out and must load back.
+            changed = [k for k in type(options).model_fields if getattr(options, k) != getattr(type(options)(), k)]
+            if name != p.method and changed:
+                keys = ", ".join(f"pretrain.{name}.{k}" for k in changed)
                 problems.append(f"{keys}: options of method {name!r}, but pretrain.method is {p.method!r}")
         if p.method == "supervised" and p.data is None:
             problems.append("pretrain.data: supervised pre-training needs a labeled source, e.g. fashion-mnist:train")
