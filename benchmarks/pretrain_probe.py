@@ -69,17 +69,19 @@ def measure(method: str, seed: int, args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """Mean linear-probe top-1 per method over seeds, and its gain over random init."""
+    """Mean linear-probe top-1 per method over seeds, and its mean gain over random init of the same seeds."""
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["method"], []).append(r)
-    base = statistics.mean(r["linear_top1"] for r in by["random"]) if "random" in by else None
-    lines = ["| init | seeds | linear probe top-1 (%) | vs random | online probe (%) | pretrain s |", "|---|---|---|---|---|---|"]
+    # Paired: each seed's gain is measured against random init with the same seed (same labeled split).
+    base = {r["seed"]: r["linear_top1"] for r in by.get("random", [])}
+    lines = ["| init | seeds | linear probe top-1 (%) | vs random (same seeds) | online probe (%) | pretrain s |", "|---|---|---|---|---|---|"]
     for method, rs in by.items():
         acc = [r["linear_top1"] for r in rs]
         mean = statistics.mean(acc)
         spread = f" ± {statistics.stdev(acc):.1f}" if len(acc) > 1 else ""
-        gain = "—" if base is None or method == "random" else f"{mean - base:+.1f}"
+        paired = [r["linear_top1"] - base[r["seed"]] for r in rs if r["seed"] in base]
+        gain = "—" if method == "random" or not paired else f"{statistics.mean(paired):+.1f}"
         online = [r["online_probe_top1"] for r in rs if r["online_probe_top1"] is not None]
         online_s = f"{statistics.mean(online):.1f}" if online else "—"
         seconds = statistics.mean(r["pretrain_seconds"] for r in rs)

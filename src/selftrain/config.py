@@ -488,9 +488,8 @@ class Config(_Strict):
         p, problems = self.pretrain, []
         for name in ("simclr", "moco", "byol", "swav"):
             options = getattr(p, name)
-            default = type(options)()
-            # A saved config writes every default out; only values that differ mean something.
-            changed = [k for k in sorted(options.model_fields_set) if getattr(options, k) != getattr(default, k)]
+            # Values other than the defaults: a saved config writes every default out and must load back.
+            changed = [k for k in type(options).model_fields if getattr(options, k) != getattr(type(options)(), k)]
             if name != p.method and changed:
                 keys = ", ".join(f"pretrain.{name}.{k}" for k in changed)
                 problems.append(f"{keys}: options of method {name!r}, but pretrain.method is {p.method!r}")

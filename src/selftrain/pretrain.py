@@ -132,7 +132,7 @@ def pretrain(cfg: Config, run: RunFolder, data, runtime: Runtime) -> Path:
     probe = probe_accuracy(model, source, data, runtime, cfg.engine.eval_batch_size)
     meta = {
         "method": p.method, "init": pretrain_name(cfg), "steps": p.steps, "batch_size": p.batch_size,
-        "data": source.uri, "images": int(len(idx)), "backbone": cfg.model.backbone,
+        "data": source.uri, "images": int(len(idx)), "source_images": len(source), "backbone": cfg.model.backbone,
         "timm": cfg.model.backbone not in BACKBONES, "channels": data.channels, "image_size": data.image_size,
         "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(), "probe_top1": probe,
         "seconds": round(result.seconds, 2), "bad_steps": result.bad_steps, "seed": cfg.seed,
