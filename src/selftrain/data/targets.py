@@ -118,3 +118,53 @@ class DenseSource(Source):
 
     def describe(self) -> dict:
         return {**super().describe(), "targets": list(self.target_keys), "annotation_skips": len(self.annotation_skips)}
+
+
+def oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """``(W, H)`` of a ``W x H`` image after EXIF ``orientation`` is applied (5-8 swap the sides)."""
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
+def orient_targets(targets: dict[str, np.ndarray], orientation: int, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Moves targets of a stored ``W x H`` image as ``PIL.ImageOps.exif_transpose`` moves its pixels.
+
+    EXIF orientation ``k`` (2-8) says how the stored pixels must be flipped or rotated for display;
+    decoding applies it, so targets annotated on the stored pixels must follow. Continuous
+    coordinates map as (2) ``(W-x, y)``, (3) ``(W-x, H-y)``, (4) ``(x, H-y)``, (5) ``(y, x)``,
+    (6, 90 degrees clockwise) ``(H-y, x)``, (7) ``(H-y, W-x)``, (8) ``(y, W-x)``; boxes take the
+    min/max of their mapped corners, masks and depth maps are flipped/transposed exactly, and
+    missing keypoints (v = 0) keep x = y = 0.
+    """
+    if orientation not in range(2, 9):
+        return targets
+    width, height = size
+    out = {}
+    for name, value in targets.items():
+        if name == "boxes":
+            x1, y1 = _orient_xy(value[:, 0], value[:, 1], orientation, width, height)
+            x2, y2 = _orient_xy(value[:, 2], value[:, 3], orientation, width, height)
+            value = np.stack([np.minimum(x1, x2), np.minimum(y1, y2), np.maximum(x1, x2), np.maximum(y1, y2)], axis=1)
+        elif name == "keypoints":
+            value = value.copy()
+            x, y = _orient_xy(value[..., 0], value[..., 1], orientation, width, height)
+            visible = value[..., 2] > 0
+            value[..., 0], value[..., 1] = np.where(visible, x, 0.0), np.where(visible, y, 0.0)
+        elif name in ("mask", "depth"):
+            value = np.ascontiguousarray(_orient_map(value, orientation))
+        out[name] = value
+    return out
+
+
+def _orient_xy(x: np.ndarray, y: np.ndarray, orientation: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    return {
+        2: (width - x, y), 3: (width - x, height - y), 4: (x, height - y), 5: (y, x),
+        6: (height - y, x), 7: (height - y, width - x), 8: (y, width - x),
+    }[orientation]  # fmt: skip
+
+
+def _orient_map(values: np.ndarray, orientation: int) -> np.ndarray:
+    """``(H, W)`` map -> the map as Pillow's transpose for EXIF ``orientation`` lays it out."""
+    return {
+        2: values[:, ::-1], 3: values[::-1, ::-1], 4: values[::-1], 5: values.T,
+        6: values[::-1].T, 7: values[::-1, ::-1].T, 8: values[:, ::-1].T,
+    }[orientation]  # fmt: skip

@@ -11,7 +11,12 @@ decoded stay in the source and raise :class:`BadImageError` from ``load``, exact
 folders, so :func:`~selftrain.data.scan` counts them.
 
 Geometry: targets are in the pixels of the image as ``load`` returns it (EXIF orientation
-applied). With ``image_size=S`` the image is resized to exactly ``S x S`` -- no crop, so the aspect
+applied). Annotations are read as made on the stored pixels, so when decoding applies an EXIF
+orientation (2-8) the boxes, keypoints and masks are flipped/rotated with the image
+(:func:`~selftrain.data.targets.orient_targets`). Only annotations whose declared size is the
+displayed size and not the stored one (orientations 5-8 of a non-square image) are taken as made
+on the displayed image and left as they are; keypoint tables, which declare no size, are always
+in displayed pixels. With ``image_size=S`` the image is resized to exactly ``S x S`` -- no crop, so the aspect
 ratio changes but no box, point or mask pixel is cut away -- x coordinates are multiplied by
 ``S / W`` and y by ``S / H``, and masks and depth maps are resized by nearest neighbour (pixel
 centres), so a mask never gains in-between classes and depth never blends an object with the
@@ -38,7 +43,7 @@ from PIL import Image, UnidentifiedImageError
 
 from selftrain.data.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, decode_image
 from selftrain.data.sources import BadImageError, DataError
-from selftrain.data.targets import BadAnnotationError, DenseSource
+from selftrain.data.targets import BadAnnotationError, DenseSource, orient_targets, oriented_size
 
 logger = logging.getLogger("selftrain.data")
 
@@ -60,8 +65,9 @@ class _Item:
     Attributes:
         key: Stable unique key (split files, manifests, skip records).
         image: Image file.
-        size: ``(W, H)`` the decoded image must have for its annotations to fit, or ``None``
-            when the annotations do not depend on it (keypoint tables).
+        size: ``(W, H)`` of the image its annotations were made on -- the stored pixels, or the
+            displayed ones (see the module docstring) -- or ``None`` when the annotations do not
+            depend on it (keypoint tables).
     """
 
     key: str
@@ -132,6 +138,7 @@ class AnnotatedSource(DenseSource):
         self.mask_classes = mask_classes
         self.annotation_skips = list(skips)
         self._items = items
+        self._orientations: dict[int, int] = {}
 
     def key(self, i: int) -> str:
         return self._items[self._check_index(i)].key
@@ -154,12 +161,12 @@ class AnnotatedSource(DenseSource):
         """
         i = self._check_index(i)
         size = self._original_size(i) if self.image_size is not None else None
-        return self._finish(self._raw_targets(i), size)
+        return self._finish(self._oriented_targets(i), size)
 
     def load_with_targets(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Image and targets of item ``i``, decoding the image only once."""
         image = self._decode(i)
-        targets = self._finish(self._raw_targets(i), (int(image.shape[2]), int(image.shape[1])))
+        targets = self._finish(self._oriented_targets(i), (int(image.shape[2]), int(image.shape[1])))
         if self.image_size is not None:
             image = resize_exact(image, self.image_size)
         return image, targets
@@ -168,11 +175,32 @@ class AnnotatedSource(DenseSource):
         """Targets of item ``i`` in original pixels, as numpy arrays."""
         raise NotImplementedError
 
+    def _oriented_targets(self, i: int) -> dict[str, np.ndarray]:
+        """Targets of item ``i`` in original pixels, moved by the EXIF orientation decoding applies."""
+        item = self._items[i]
+        raw = self._raw_targets(i)
+        return raw if item.size is None else orient_targets(raw, self._orientation(i), item.size)
+
+    def _orientation(self, i: int) -> int:
+        """The EXIF orientation to apply to item ``i``'s targets: 1 (none) unless they are in stored pixels."""
+        if i not in self._orientations:
+            item = self._items[i]
+            geometry = _header_geometry(item.image) if item.size is not None else None
+            orientation = 1
+            if geometry is not None and geometry[1] in range(2, 9):
+                stored, exif = geometry
+                # Declared size == displayed size != stored size: annotated on the displayed image.
+                on_display = item.size == oriented_size(stored, exif) != stored
+                orientation = 1 if on_display else exif
+            self._orientations[i] = orientation
+        return self._orientations[i]
+
     def _decode(self, i: int) -> torch.Tensor:
-        item = self._items[self._check_index(i)]
+        i = self._check_index(i)
+        item = self._items[i]
         image = decode_image(item.image, channels=self.channels)
         height, width = image.shape[1:]
-        if item.size is not None and (width, height) != item.size:
+        if item.size is not None and (width, height) != oriented_size(item.size, self._orientation(i)):
             raise BadImageError(
                 str(item.image), f"image is {width}x{height} but its annotations are for {item.size[0]}x{item.size[1]}"
             )
@@ -181,7 +209,7 @@ class AnnotatedSource(DenseSource):
     def _original_size(self, i: int) -> tuple[int, int]:
         item = self._items[i]
         if item.size is not None:
-            return item.size
+            return oriented_size(item.size, self._orientation(i))
         size = _header_size(item.image)
         if size is None:
             raise BadImageError(str(item.image), "cannot read the image header to scale its targets")
@@ -361,6 +389,25 @@ def _header_size(path: Path) -> tuple[int, int] | None:
     EXIF orientations 5-8 swap width and height, as decoding applies them. ``None`` when the
     header cannot be read: the image is then left for ``load``/``scan`` to report.
     """
+    geometry = _header_geometry(path)
+    return None if geometry is None else oriented_size(*geometry)
+
+
+def _map_frame(geometry: tuple[tuple[int, int], int] | None, shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(W, H)`` a mask or depth map of ``shape`` must have: the stored image's, if it has that, else the displayed.
+
+    A map the size of the stored pixels is taken as made on them and turns with the image; any
+    other map must fit the displayed image (the size check then names that size). An unreadable
+    header leaves the image to ``load``/``scan``, and the map is taken as it is.
+    """
+    if geometry is None:
+        return (shape[1], shape[0]) if len(shape) > 1 else (0, 0)
+    stored, orientation = geometry
+    return stored if len(shape) > 1 and (shape[1], shape[0]) == stored else oriented_size(stored, orientation)
+
+
+def _header_geometry(path: Path) -> tuple[tuple[int, int], int] | None:
+    """``((W, H) of the stored pixels, EXIF orientation)`` from the header alone, or ``None``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -372,7 +419,7 @@ def _header_size(path: Path) -> tuple[int, int] | None:
                     orientation = 1
         except (Image.DecompressionBombError, UnidentifiedImageError, *DECODE_ERRORS):
             return None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return (width, height), orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 
 
 def _is_number(value: Any) -> bool:

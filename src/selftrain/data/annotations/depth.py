@@ -18,8 +18,9 @@ from selftrain.data.annotations.base import (
     _PROGRESS_MIN_ITEMS,
     AnnotatedSource,
     _directory,
-    _header_size,
+    _header_geometry,
     _Item,
+    _map_frame,
     _read_png,
     _SkipLog,
     _split_uri,
@@ -107,7 +108,7 @@ def _depth_item(
         return None
     try:
         depth = _read_depth(candidates[0], scale)
-        width, height = _header_size(image_dir / rel) or (depth.shape[1], depth.shape[0])
+        width, height = _map_frame(_header_geometry(image_dir / rel), depth.shape)
         check_dense_map(depth, name="depth", height=height, width=width)
     except DataError as exc:
         skips.add(rel, candidates[0], str(exc))

@@ -18,8 +18,9 @@ from selftrain.data.annotations.base import (
     _PROGRESS_MIN_ITEMS,
     AnnotatedSource,
     _directory,
-    _header_size,
+    _header_geometry,
     _Item,
+    _map_frame,
     _read_png,
     _SkipLog,
     _split_uri,
@@ -145,7 +146,7 @@ def _voc_item(
     try:
         mask = _read_index_mask(mask_path)
         # An unreadable image header leaves the image to scan(); its mask cannot be compared.
-        width, height = _header_size(image) or (mask.shape[1], mask.shape[0])
+        width, height = _map_frame(_header_geometry(image), mask.shape)
         check_dense_map(mask, name="mask", height=height, width=width, num_classes=num_classes)
     except DataError as exc:
         skips.add(name, mask_path, str(exc))
