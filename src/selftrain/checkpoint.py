@@ -38,12 +38,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Reads weights from safetensors, or from a torch file without unpickling code.
 
     A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: The file is not a valid safetensors file (bad header, offsets outside the
+            file, a pickle renamed ``.safetensors``) or not a plain tensor file; names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - SafetensorError is not exported in a stable place
+            # Without this the error says "header too large" and nothing of which file.
+            raise ValueError(f"{path}: not a valid safetensors file: {err}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here means "not safe to load"
