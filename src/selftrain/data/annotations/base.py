@@ -16,11 +16,13 @@ orientation (2-8) the boxes, keypoints and masks are flipped/rotated with the im
 (:func:`~selftrain.data.targets.orient_targets`). Only annotations whose declared size is the
 displayed size and not the stored one (orientations 5-8 of a non-square image) are taken as made
 on the displayed image and left as they are; keypoint tables, which declare no size, are always
-in displayed pixels. With ``image_size=S`` the image is resized to exactly ``S x S`` -- no crop, so the aspect
-ratio changes but no box, point or mask pixel is cut away -- x coordinates are multiplied by
-``S / W`` and y by ``S / H``, and masks and depth maps are resized by nearest neighbour (pixel
-centres), so a mask never gains in-between classes and depth never blends an object with the
-background behind it.
+in displayed pixels.
+
+With ``image_size=S`` the image is resized to exactly ``S x S`` -- no crop, so the aspect ratio
+changes but no box, point or mask pixel is cut away -- x coordinates are multiplied by ``S / W``
+and y by ``S / H``, and masks and depth maps are resized by nearest neighbour (pixel centres), so
+a mask never gains in-between classes and depth never blends an object with the background
+behind it.
 """
 
 from __future__ import annotations
@@ -394,7 +396,7 @@ def _header_size(path: Path) -> tuple[int, int] | None:
 
 
 def _map_frame(geometry: tuple[tuple[int, int], int] | None, shape: tuple[int, ...]) -> tuple[int, int]:
-    """``(W, H)`` a mask or depth map of ``shape`` must have: the stored image's, if it has that, else the displayed.
+    """``(W, H)`` a mask or depth map of ``shape`` must fit: the stored image's if it has that, else the displayed.
 
     A map the size of the stored pixels is taken as made on them and turns with the image; any
     other map must fit the displayed image (the size check then names that size). An unreadable
