@@ -14,6 +14,7 @@ from rich.logging import RichHandler
 
 from selftrain import __version__
 from selftrain.config import ConfigError, dump_config, load_config
+from selftrain.distributed import env_rank
 
 app = typer.Typer(
     add_completion=False,
@@ -30,8 +31,10 @@ StrictOpt = Annotated[bool, typer.Option("--strict", help="a bad image is an err
 
 
 def _setup_logging(verbose: bool) -> None:
+    # Under torchrun every rank would print the same lines: the others keep warnings and errors.
+    level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+        level=level if env_rank() == 0 else logging.WARNING, format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True,
     )  # fmt: skip
 

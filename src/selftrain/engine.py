@@ -24,6 +24,7 @@ from torch import nn
 from selftrain.atomic import atomic_write_text
 from selftrain.checkpoint import CheckpointDir, save_weights
 from selftrain.config import EngineConfig, OptimConfig
+from selftrain.distributed import local_device
 
 log = logging.getLogger("selftrain.engine")
 
@@ -60,9 +61,9 @@ def build_runtime(cfg: EngineConfig) -> Runtime:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     else:
-        device = torch.device(cfg.device)
+        device = local_device(torch.device(cfg.device))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("engine.device=cuda but no CUDA device is available")
     precision = cfg.precision

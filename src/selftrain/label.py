@@ -7,6 +7,13 @@ After the last shard, filtering (confidence threshold) and Noisy Student class b
 pick the records the student learns from (``selection.parquet``), and the manifest, with
 the statistics, is written last.
 
+Several processes label one pool together (``torchrun``, or explicit :class:`Ranks`): rank
+``r`` of ``W`` labels the input shards ``i % W == r`` (:func:`~selftrain.store.shards_of_rank`:
+static, nothing padded or duplicated) and writes only those store shards; rank 0 starts the
+store, waits for every shard (a process-group barrier, or polling the store folder when the
+ranks are independent processes), then writes the selection and the manifest. A killed
+rank's job, rerun, labels only the shards missing on disk.
+
 What a record holds is the task's business (``task.encode_records``; dense columns are listed
 in :mod:`selftrain.tasks.dense`). Dense tasks are filtered by ``label.threshold`` on their
 per-record confidence and never class-balanced; their statistics measure the pseudo labels
@@ -29,11 +36,12 @@ from tqdm.auto import tqdm
 from selftrain.atomic import atomic_write_text
 from selftrain.config import Config
 from selftrain.data import BadImageError
+from selftrain.distributed import Ranks, current_ranks, wait_for
 from selftrain.engine import Runtime
 from selftrain.network import Network, load_network
 from selftrain.outputs import RunFolder
 from selftrain.selection import select_records, selection_stats
-from selftrain.store import PseudoLabelStore
+from selftrain.store import HEADER, PseudoLabelStore, shards_of_rank
 from selftrain.tasks import build_task
 from selftrain.teach import teacher_for_round
 
@@ -147,10 +155,37 @@ def _finish(store: PseudoLabelStore, cfg: Config, data, round_: int, total: int,
     return store.manifest
 
 
-def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1) -> Path:
-    """Labels the pool for ``round_`` and returns the store folder."""
+def _open_store(folder: Path, ranks: Ranks, **header) -> PseudoLabelStore:
+    """Rank 0 starts (or resumes) the store; the others open it once its header exists."""
+    if ranks.rank == 0:
+        store = PseudoLabelStore.create(folder, rank=0, world_size=ranks.world_size, **header)
+    elif not ranks.grouped:
+        wait_for(lambda: (folder / HEADER).exists(), f"rank 0 to start the store {folder}", ranks.timeout_s)
+    ranks.barrier()
+    if ranks.rank != 0:
+        store = PseudoLabelStore.create(folder, rank=ranks.rank, world_size=ranks.world_size, **header)
+    return store
+
+
+def _wait_for_shards(store: PseudoLabelStore, ranks: Ranks) -> None:
+    """Rank 0 returns once every rank's shards are on disk."""
+    if ranks.grouped:
+        ranks.barrier()
+    elif ranks.rank == 0 and ranks.world_size > 1:
+        what = f"the other ranks' shards of {store.root} (rerun the job to label the missing ones)"
+        wait_for(lambda: not store.pending_shards(), what, ranks.timeout_s)
+
+
+def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1, ranks: Ranks | None = None) -> Path:
+    """Labels the pool for ``round_`` and returns the store folder.
+
+    ``ranks`` (default: :func:`~selftrain.distributed.current_ranks`) says which shards this
+    process labels; only rank 0 writes the selection and manifest and logs the statistics.
+    Without a process group, ranks other than 0 return once their own shards are written.
+    """
     if data.pool is None or len(data.pool_idx) == 0:
         raise ValueError("label: the config has no unlabeled pool (data.unlabeled)")
+    ranks = ranks or current_ranks()
     folder = run.stage("label", round_)
     teacher_path = teacher_for_round(run, round_)
     task = build_task(cfg.task, data.labeled)
@@ -161,14 +196,15 @@ def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1) 
         "pool_first_last": [data.pool.key(int(data.pool_idx[0])), data.pool.key(int(data.pool_idx[-1]))],
         **task.pseudo_fingerprint(cfg.label),
     }  # fmt: skip
-    store = PseudoLabelStore.create(folder, fingerprint=fingerprint, n_shards=n_shards, shard_size=size, tasks=[cfg.task])
+    store = _open_store(folder, ranks, fingerprint=fingerprint, n_shards=n_shards, shard_size=size, tasks=[cfg.task])
     if store.complete and store.manifest.get("filter") == _filter_config(cfg):
         log.info("label: round %d already done in %s", round_, folder)
         return folder
     teacher = load_network(teacher_path).to(runtime.device).eval()
     if runtime.channels_last:
         teacher.to(memory_format=torch.channels_last)
-    pending = store.pending_shards()
+    mine = set(shards_of_rank(n_shards, ranks.rank, ranks.world_size))
+    pending = [i for i in store.pending_shards() if i in mine]
     (folder / "skips").mkdir(exist_ok=True)
     for shard in tqdm(pending, desc=f"label r{round_}", disable=not cfg.engine.progress, leave=False, unit="shard"):
         indices = data.pool_idx[shard * size : (shard + 1) * size]
@@ -176,7 +212,14 @@ def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1) 
         # The skip list goes first: once the shard exists, its skips must be on disk too.
         atomic_write_text(folder / "skips" / f"shard-{shard:05d}.json", json.dumps(skips))
         store.write_shard(shard, table)
-    manifest = _finish(store, cfg, data, round_, int(len(data.pool_idx)), task)
+    _wait_for_shards(store, ranks)
+    if ranks.rank != 0:
+        ranks.barrier()  # returns with rank 0, once the store is complete
+        return folder
+    try:
+        manifest = _finish(store, cfg, data, round_, int(len(data.pool_idx)), task)
+    finally:
+        ranks.barrier()
     s = manifest["stats"][cfg.task]
     acc = f", pseudo-label accuracy {100 * s['accuracy_all']:.1f}%" if s.get("accuracy_all") is not None else ""
     acc += "".join(f", pseudo-label {k} {v:.3g}" for k, v in s.get("quality", {}).items())

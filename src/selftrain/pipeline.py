@@ -3,6 +3,10 @@
 Every stage is resumable: finished stages leave a ``done.json`` and are skipped, an
 interrupted training stage continues from its last checkpoint, and an interrupted ``label``
 continues with the store shards it had not written.
+
+Under ``torchrun`` (``WORLD_SIZE`` above 1) only the ``label`` stage runs: every rank draws
+the same split and labels its own shards (:mod:`selftrain.label`); only rank 0 writes the
+provenance.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 from selftrain.atomic import atomic_write_text
 from selftrain.config import FILE_IMAGE_SIZE, Config
 from selftrain.data import Source, build_source, labeled_subset, load_split, save_split, scan
+from selftrain.distributed import current_ranks, init_from_env
 from selftrain.engine import Runtime, build_runtime
 from selftrain.outputs import RunFolder
 from selftrain.tasks import TASKS, build_task
@@ -150,16 +155,33 @@ def prepare_data(cfg: Config, run: RunFolder) -> PreparedData:
 
 def run_pipeline(cfg: Config, out: str | Path, *, stages: list[str] | None = None, resume: str = "auto") -> Path:
     """Runs ``stages`` (default: the config's) into ``out`` and returns the folder."""
+    todo = stages or cfg.stages
+    ranks = current_ranks()
+    if ranks.world_size > 1 and set(todo) != {"label"}:
+        raise ValueError(f"{ranks.world_size} processes (torchrun): only the label stage runs distributed, "
+                         f"not {sorted(set(todo) - {'label'})}; run the other stages in one process")  # fmt: skip
+    run = RunFolder(out)
+    if resume == "never" and ranks.rank == 0 and run.root.exists() and any(run.root.iterdir()):
+        raise FileExistsError(f"{run.root} is not empty and --resume never was given")
+    runtime: Runtime = build_runtime(cfg.engine)
+    started = init_from_env(runtime.device)
+    try:
+        if ranks.rank == 0:
+            run.write_provenance(cfg)
+        log.info("run %s: device %s, precision %s", run.root, runtime.device, runtime.precision)
+        data = prepare_data(cfg, run)
+        _run_stages(cfg, run, data, runtime, todo)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return run.root
+
+
+def _run_stages(cfg: Config, run: RunFolder, data: PreparedData, runtime: Runtime, todo: list[str]) -> None:
     from selftrain import label, pretrain, student, teach, transfer
 
-    run = RunFolder(out)
-    if resume == "never" and run.root.exists() and any(run.root.iterdir()):
-        raise FileExistsError(f"{run.root} is not empty and --resume never was given")
-    run.write_provenance(cfg)
-    runtime: Runtime = build_runtime(cfg.engine)
-    log.info("run %s: device %s, precision %s", run.root, runtime.device, runtime.precision)
-    data = prepare_data(cfg, run)
-    todo = stages or cfg.stages
     if "pretrain" in todo:
         pretrain.pretrain(cfg, run, data, runtime)
     if "teach" in todo:
@@ -171,4 +193,3 @@ def run_pipeline(cfg: Config, out: str | Path, *, stages: list[str] | None = Non
             student.student(cfg, run, data, runtime, round_)
     if "transfer" in todo:
         transfer.transfer(cfg, run, data, runtime)
-    return run.root

@@ -12,7 +12,12 @@ Every file is written to a temporary name, fsynced, renamed over its final name 
 folder fsynced, so a writer killed at any moment leaves either a whole file or a
 ``*.tmp*`` leftover that the next :meth:`PseudoLabelStore.create` removes. Together with
 :meth:`PseudoLabelStore.pending_shards` this makes a killed ``label`` run resumable with
-no record lost or duplicated. A store has one writer at a time.
+no record lost or duplicated.
+
+Each file has one writer. A single process writes them all; ``world_size`` processes
+(ranks) split the shards statically with :func:`shards_of_rank` -- rank ``r`` writes the
+shards ``i`` with ``i % world_size == r``, and rank 0 also writes the header, the selection
+and the manifest -- so no shard is written twice and none is padded in.
 
 Example:
     >>> store = PseudoLabelStore.create(out, fingerprint=fp, n_shards=4, shard_size=1000,
@@ -74,9 +79,33 @@ def _json_normal(obj: Any, path: Path) -> Any:
         raise StoreError(f"{path}: the header is not JSON-serializable: {e}") from e
 
 
-def _remove_temporaries(root: Path) -> None:
-    # Safe only because a store has one writer: leftovers belong to a killed run.
-    removed = [tmp for tmp in root.glob(_TMP_GLOB) if tmp.is_file()]
+def shards_of_rank(n_shards: int, rank: int, world_size: int) -> list[int]:
+    """The shards rank ``rank`` of ``world_size`` writes: ``i % world_size == rank``, ascending.
+
+    A static, disjoint split that covers every shard once -- unlike a DistributedSampler,
+    which pads the last ranks with duplicates. Ranks beyond ``n_shards`` get none.
+
+    Raises:
+        ValueError: If ``world_size < 1`` or ``rank`` is not in ``0..world_size-1``.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world_size {world_size}: need 0 <= rank < world_size")
+    return list(range(rank, n_shards, world_size))
+
+
+def _owner(name: str, world_size: int) -> int:
+    """The rank that writes file ``name`` (a shard's or a store-level file's, temporary or not)."""
+    if name.startswith("shard-"):
+        digits = name[len("shard-") :].split(".", 1)[0]
+        if digits.isdigit():
+            return int(digits) % world_size
+    return 0
+
+
+def _remove_temporaries(root: Path, rank: int = 0, world_size: int = 1) -> None:
+    # Safe only because each file has one writer: leftovers of this rank's files belong to a
+    # killed run, while another rank's may be in the middle of being written.
+    removed = [tmp for tmp in root.glob(_TMP_GLOB) if tmp.is_file() and _owner(tmp.name, world_size) == rank]
     for tmp in removed:
         tmp.unlink(missing_ok=True)
     if removed:
@@ -129,6 +158,8 @@ class PseudoLabelStore:
         shard_size: int,
         tasks: list[str],
         resume: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> PseudoLabelStore:
         """Start a new store in ``root`` or resume the one already there.
 
@@ -139,12 +170,17 @@ class PseudoLabelStore:
             shard_size: Rows per input shard (the last one may hold fewer).
             tasks: Task names whose columns the shards carry.
             resume: Reuse an existing store with an equal header (else that is an error).
+            rank: This writer's rank; only rank 0 starts a store, the others open it once
+                the header exists. Each rank removes only the leftovers of its own files.
+            world_size: How many ranks write the store (:func:`shards_of_rank`).
 
         Raises:
             StoreError: If the folder holds a store with another header, any store while
-                ``resume`` is False, or shard files without a header.
+                ``resume`` is False, shard files without a header, or no store yet for a
+                rank other than 0.
         """
         root = Path(root)
+        shards_of_rank(0, rank, world_size)  # checks rank and world_size
         if n_shards < 1 or shard_size < 1:
             raise StoreError(f"{root}: n_shards and shard_size must be >= 1, "
                              f"got {n_shards} and {shard_size}")
@@ -156,8 +192,10 @@ class PseudoLabelStore:
                                  "store and resume is off; use a new output folder or delete it")
             store = cls(root)
             store._check_same(wanted)
-            _remove_temporaries(root)
+            _remove_temporaries(root, rank, world_size)
             return store
+        if rank != 0:
+            raise StoreError(f"{root / HEADER}: missing; rank 0 starts the store, rank {rank} only opens it")
         leftovers = sorted(p.name for p in root.glob("shard-*.parquet")) if root.exists() else []
         if leftovers or (root / MANIFEST).exists():
             raise StoreError(f"{root}: holds {leftovers[:3] or [MANIFEST]} but no {HEADER}; "
