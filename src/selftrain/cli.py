@@ -53,7 +53,8 @@ def _stage(stages: list[str] | None, config: Path | None, out: Path, overrides: 
         raise typer.BadParameter("--resume must be auto or never")
     cfg = _config(config, overrides, strict)
     folder = run_pipeline(cfg, out, stages=stages, resume=resume)
-    console.print(f"[green]done[/green]: {folder}")
+    if env_rank() == 0:
+        console.print(f"[green]done[/green]: {folder}")
 
 
 @app.callback()

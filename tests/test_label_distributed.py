@@ -1,0 +1,162 @@
+"""Distributed labeling: ranks label disjoint input shards; 2 gloo processes give the records of 1.
+
+The ranks are real processes started the way ``torchrun`` starts them (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT) running ``python -m selftrain
+label``; the process group's timeout and a hard timeout on every process make a broken
+test fail instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from selftrain.config import build_config
+from selftrain.distributed import Ranks
+from selftrain.pipeline import run_pipeline
+from selftrain.store import PseudoLabelStore, StoreError, shards_of_rank
+
+POOL = 101
+SHARD = 4  # 26 shards: 13 for each of 2 ranks
+PROCESS_TIMEOUT_S = 120
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_shards_of_rank_cover_every_shard_exactly_once(world_size):
+    for n_shards in (0, 1, 2, 3, 7, 26):
+        parts = [shards_of_rank(n_shards, r, world_size) for r in range(world_size)]
+        flat = [i for part in parts for i in part]
+        assert sorted(flat) == list(range(n_shards)) and len(flat) == n_shards
+        for r, part in enumerate(parts):
+            assert part == sorted(part) and all(i % world_size == r for i in part)
+        # Static and balanced: no rank holds more than one shard above another, none padded in.
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError):
+        shards_of_rank(5, world_size, world_size)
+    with pytest.raises(ValueError):
+        Ranks(rank=-1, world_size=world_size)
+
+
+def test_a_rank_other_than_0_does_not_start_a_store(tmp_path):
+    with pytest.raises(StoreError, match="rank 0 starts the store"):
+        PseudoLabelStore.create(tmp_path / "s", fingerprint={}, n_shards=4, shard_size=2, tasks=["classification"], rank=1, world_size=2)
+
+
+def _overrides(small_idx) -> list[str]:
+    return tiny_overrides(small_idx) + [f"data.pool_limit={POOL}", f"label.shard_size={SHARD}", "label.batch_size=2", "teach.steps=5"]
+
+
+@pytest.fixture(scope="module")
+def taught(small_idx, tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """A run folder with a teacher, and a copy of it labeled by one process (the reference)."""
+    root = tmp_path_factory.mktemp("distlabel")
+    overrides = _overrides(small_idx)
+    cfg = build_config({}, overrides)
+    run_pipeline(cfg, root / "taught", stages=["teach"])
+    shutil.copytree(root / "taught", root / "one")
+    run_pipeline(cfg, root / "one", stages=["label"])
+    return root / "taught", root / "one", overrides
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out: Path, overrides: list[str], world_size: int = 2) -> list[subprocess.Popen]:
+    """``world_size`` ranks of ``python -m selftrain label``, with torchrun's variables."""
+    port = _free_port()
+    src = str(Path(__file__).parents[1] / "src")
+    sets = [a for o in overrides for a in ("--set", o)]
+    procs = []
+    for rank in range(world_size):
+        env = {
+            **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo",
+            "SELFTRAIN_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1",
+        }  # fmt: skip
+        cmd = [sys.executable, "-m", "selftrain", "label", "--out", str(out), *sets]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen]) -> None:
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=PROCESS_TIMEOUT_S)[0].decode(errors="replace"))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"a rank ran past {PROCESS_TIMEOUT_S} s")
+    for rank, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{out[-3000:]}"
+
+
+def _assert_same_records(folder: Path, reference: Path) -> None:
+    store = PseudoLabelStore(folder / "label" / "round-1")
+    ref = PseudoLabelStore(reference / "label" / "round-1")
+    table = store.read()
+    keys = table.column("key").to_pylist()
+    assert table.num_rows == POOL and len(set(keys)) == POOL
+    assert store.manifest["n_records"] == POOL and store.manifest["processed"] == POOL
+    assert table.sort_by("index").equals(ref.read().sort_by("index"))
+    assert store.selection().equals(ref.selection())
+    assert not list(store.root.glob("*.tmp*"))
+
+
+def test_two_ranks_label_101_images_into_101_records_as_one_process_does(taught, tmp_path):
+    teacher_run, one, overrides = taught
+    out = tmp_path / "two"
+    shutil.copytree(teacher_run, out)
+    _wait(_launch(out, overrides))
+    _assert_same_records(out, one)
+    assert PseudoLabelStore(out / "label" / "round-1").header["n_shards"] == (POOL + SHARD - 1) // SHARD
+
+
+def _kill_rank_1_mid_way(out: Path, overrides: list[str]) -> bool:
+    """Starts 2 ranks, SIGKILLs rank 1 once it wrote a shard (and rank 0, as torchrun would)."""
+    store = out / "label" / "round-1"
+    procs = _launch(out, overrides)
+    deadline = time.monotonic() + PROCESS_TIMEOUT_S
+    try:
+        while not any(store.glob("shard-*[13579].parquet")):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.005)
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait(timeout=10)
+    finally:
+        procs[0].kill()
+        for p in procs:
+            p.communicate(timeout=PROCESS_TIMEOUT_S)
+    return (store / "header.json").exists() and bool(PseudoLabelStore(store).pending_shards())
+
+
+def test_a_rank_killed_mid_way_then_the_job_rerun_gives_101_records_none_twice(taught, tmp_path):
+    teacher_run, one, overrides = taught
+    out = tmp_path / "killed"
+    shutil.copytree(teacher_run, out)
+    killed_mid_way = False
+    for _ in range(3):  # rank 1 may finish before the kill lands; then start again from a fresh copy
+        if _kill_rank_1_mid_way(out, overrides):
+            killed_mid_way = True
+            break
+        shutil.rmtree(out)
+        shutil.copytree(teacher_run, out)
+    assert killed_mid_way
+    store = PseudoLabelStore(out / "label" / "round-1")
+    assert not store.complete and 0 < len(store.done_shards()) < store.header["n_shards"]
+    _wait(_launch(out, overrides))
+    _assert_same_records(out, one)
