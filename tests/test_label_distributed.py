@@ -1,13 +1,15 @@
 """Distributed labeling: ranks label disjoint input shards; 2 gloo processes give the records of 1.
 
-The ranks are real processes started the way ``torchrun`` starts them (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT) running ``python -m selftrain
-label``; the process group's timeout and a hard timeout on every process make a broken
-test fail instead of hanging.
+The ranks are real processes with the variables ``torchrun`` sets (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT): ``python -m selftrain label``
+processes for the clean run, forked ones (no second 10 s import of torch) for the killed
+and rerun job. The process group's timeout and a hard timeout on every process make a
+broken test fail instead of hanging.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -125,22 +127,37 @@ def test_two_ranks_label_101_images_into_101_records_as_one_process_does(taught,
     assert PseudoLabelStore(out / "label" / "round-1").header["n_shards"] == (POOL + SHARD - 1) // SHARD
 
 
+def _rank_main(rank: int, world_size: int, port: int, out: str, overrides: list[str]) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo", "SELFTRAIN_DIST_TIMEOUT": "60"})  # fmt: skip
+    run_pipeline(build_config({}, overrides), out, stages=["label"])
+
+
+def _fork_ranks(out: Path, overrides: list[str], world_size: int = 2) -> list:
+    """The ranks as forked processes: they inherit the imports, so start in a fraction of a second."""
+    ctx = mp.get_context("fork")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, str(out), overrides)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    return procs
+
+
 def _kill_rank_1_mid_way(out: Path, overrides: list[str]) -> bool:
-    """Starts 2 ranks, SIGKILLs rank 1 once it wrote a shard (and rank 0, as torchrun would)."""
+    """Starts 2 ranks, SIGKILLs rank 1 once it wrote a shard (then rank 0, as torchrun would)."""
     store = out / "label" / "round-1"
-    procs = _launch(out, overrides)
+    procs = _fork_ranks(out, overrides)
     deadline = time.monotonic() + PROCESS_TIMEOUT_S
     try:
         while not any(store.glob("shard-*[13579].parquet")):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            if time.monotonic() > deadline or any(p.exitcode is not None for p in procs):
                 break
-            time.sleep(0.005)
-        procs[1].send_signal(signal.SIGKILL)
-        procs[1].wait(timeout=10)
+            time.sleep(0.002)
+        os.kill(procs[1].pid, signal.SIGKILL)
     finally:
-        procs[0].kill()
         for p in procs:
-            p.communicate(timeout=PROCESS_TIMEOUT_S)
+            p.kill()
+            p.join(timeout=PROCESS_TIMEOUT_S)
     return (store / "header.json").exists() and bool(PseudoLabelStore(store).pending_shards())
 
 
@@ -158,5 +175,12 @@ def test_a_rank_killed_mid_way_then_the_job_rerun_gives_101_records_none_twice(t
     assert killed_mid_way
     store = PseudoLabelStore(out / "label" / "round-1")
     assert not store.complete and 0 < len(store.done_shards()) < store.header["n_shards"]
-    _wait(_launch(out, overrides))
+    procs = _fork_ranks(out, overrides)
+    for p in procs:
+        p.join(timeout=PROCESS_TIMEOUT_S)
+    hung = [p for p in procs if p.exitcode is None]
+    for p in hung:
+        p.kill()
+    assert not hung, f"{len(hung)} rank(s) ran past {PROCESS_TIMEOUT_S} s"
+    assert [p.exitcode for p in procs] == [0, 0]
     _assert_same_records(out, one)
