@@ -24,7 +24,10 @@ import pytest
 from conftest import tiny_overrides
 from selftrain.config import build_config
 from selftrain.distributed import Ranks
-from selftrain.pipeline import run_pipeline
+from selftrain.engine import build_runtime
+from selftrain.label import label
+from selftrain.outputs import RunFolder
+from selftrain.pipeline import prepare_data, run_pipeline
 from selftrain.store import PseudoLabelStore, StoreError, shards_of_rank
 
 POOL = 101
@@ -183,4 +186,24 @@ def test_a_rank_killed_mid_way_then_the_job_rerun_gives_101_records_none_twice(t
         p.kill()
     assert not hung, f"{len(hung)} rank(s) ran past {PROCESS_TIMEOUT_S} s"
     assert [p.exitcode for p in procs] == [0, 0]
+    _assert_same_records(out, one)
+
+
+def test_ranks_without_a_process_group_meet_through_the_store_folder(taught, tmp_path):
+    teacher_run, one, overrides = taught
+    out = tmp_path / "files"
+    shutil.copytree(teacher_run, out)
+    cfg = build_config({}, overrides)
+    run = RunFolder(out)
+    data, runtime = prepare_data(cfg, run), build_runtime(cfg.engine)
+    store = out / "label" / "round-1"
+    # Rank 0 alone: its shards are written, then it gives up waiting for rank 1's, naming them.
+    with pytest.raises(TimeoutError, match="other ranks' shards"):
+        label(cfg, run, data, runtime, 1, Ranks(0, 2, timeout_s=1))
+    pending = PseudoLabelStore(store).pending_shards()
+    assert pending == shards_of_rank((POOL + SHARD - 1) // SHARD, 1, 2)
+    # Rank 1 returns once its own shards are on disk; rank 0, rerun, finishes the store.
+    assert label(cfg, run, data, runtime, 1, Ranks(1, 2, timeout_s=5)) == store
+    assert not PseudoLabelStore(store).complete and not PseudoLabelStore(store).pending_shards()
+    label(cfg, run, data, runtime, 1, Ranks(0, 2, timeout_s=5))
     _assert_same_records(out, one)
