@@ -1,10 +1,10 @@
 """Distributed labeling: ranks label disjoint input shards; 2 gloo processes give the records of 1.
 
-The ranks are real processes with the variables ``torchrun`` sets (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT): ``python -m selftrain label``
-processes for the clean run, forked ones (no second 10 s import of torch) for the killed
-and rerun job. The process group's timeout and a hard timeout on every process make a
-broken test fail instead of hanging.
+The ranks are real processes, forked (so they inherit the imports instead of spending
+seconds importing torch again), with the variables ``torchrun`` sets (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT), each running the command line
+``selftrain label --out OUT --set ...``. The process group's timeout and a hard timeout on
+every process make a broken test fail instead of hanging.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import tiny_overrides
+from selftrain.cli import app
 from selftrain.config import build_config
 from selftrain.distributed import Ranks
 from selftrain.engine import build_runtime
@@ -78,37 +77,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out: Path, overrides: list[str], world_size: int = 2) -> list[subprocess.Popen]:
-    """``world_size`` ranks of ``python -m selftrain label``, with torchrun's variables."""
-    port = _free_port()
-    src = str(Path(__file__).parents[1] / "src")
-    sets = [a for o in overrides for a in ("--set", o)]
-    procs = []
-    for rank in range(world_size):
-        env = {
-            **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo",
-            "SELFTRAIN_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1",
-        }  # fmt: skip
-        cmd = [sys.executable, "-m", "selftrain", "label", "--out", str(out), *sets]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    return procs
-
-
-def _wait(procs: list[subprocess.Popen]) -> None:
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=PROCESS_TIMEOUT_S)[0].decode(errors="replace"))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"a rank ran past {PROCESS_TIMEOUT_S} s")
-    for rank, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{out[-3000:]}"
-
-
 def _assert_same_records(folder: Path, reference: Path) -> None:
     store = PseudoLabelStore(folder / "label" / "round-1")
     ref = PseudoLabelStore(reference / "label" / "round-1")
@@ -121,19 +89,30 @@ def _assert_same_records(folder: Path, reference: Path) -> None:
     assert not list(store.root.glob("*.tmp*"))
 
 
+def _join(procs: list) -> None:
+    for p in procs:
+        p.join(timeout=PROCESS_TIMEOUT_S)
+    hung = [p for p in procs if p.exitcode is None]
+    for p in hung:
+        p.kill()
+    assert not hung, f"{len(hung)} rank(s) ran past {PROCESS_TIMEOUT_S} s"
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+
+
 def test_two_ranks_label_101_images_into_101_records_as_one_process_does(taught, tmp_path):
     teacher_run, one, overrides = taught
     out = tmp_path / "two"
     shutil.copytree(teacher_run, out)
-    _wait(_launch(out, overrides))
+    _join(_fork_ranks(out, overrides))
     _assert_same_records(out, one)
     assert PseudoLabelStore(out / "label" / "round-1").header["n_shards"] == (POOL + SHARD - 1) // SHARD
 
 
 def _rank_main(rank: int, world_size: int, port: int, out: str, overrides: list[str]) -> None:
+    """One rank: torchrun's variables, then ``selftrain label --out OUT --set ...``."""
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo", "SELFTRAIN_DIST_TIMEOUT": "60"})  # fmt: skip
-    run_pipeline(build_config({}, overrides), out, stages=["label"])
+    app(["label", "--out", out, *[a for o in overrides for a in ("--set", o)]], standalone_mode=False)
 
 
 def _fork_ranks(out: Path, overrides: list[str], world_size: int = 2) -> list:
@@ -178,14 +157,7 @@ def test_a_rank_killed_mid_way_then_the_job_rerun_gives_101_records_none_twice(t
     assert killed_mid_way
     store = PseudoLabelStore(out / "label" / "round-1")
     assert not store.complete and 0 < len(store.done_shards()) < store.header["n_shards"]
-    procs = _fork_ranks(out, overrides)
-    for p in procs:
-        p.join(timeout=PROCESS_TIMEOUT_S)
-    hung = [p for p in procs if p.exitcode is None]
-    for p in hung:
-        p.kill()
-    assert not hung, f"{len(hung)} rank(s) ran past {PROCESS_TIMEOUT_S} s"
-    assert [p.exitcode for p in procs] == [0, 0]
+    _join(_fork_ranks(out, overrides))
     _assert_same_records(out, one)
 
 
