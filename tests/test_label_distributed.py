@@ -25,6 +25,7 @@ from selftrain.config import build_config
 from selftrain.distributed import Ranks
 from selftrain.engine import build_runtime
 from selftrain.label import label
+from selftrain.must.pipeline import run_must
 from selftrain.outputs import RunFolder
 from selftrain.pipeline import prepare_data, run_pipeline
 from selftrain.store import PseudoLabelStore, StoreError, shards_of_rank
@@ -179,3 +180,13 @@ def test_ranks_without_a_process_group_meet_through_the_store_folder(taught, tmp
     assert not PseudoLabelStore(store).complete and not PseudoLabelStore(store).pending_shards()
     label(cfg, run, data, runtime, 1, Ranks(0, 2, timeout_s=5))
     _assert_same_records(out, one)
+
+
+def test_stages_other_than_label_refuse_to_run_on_several_processes(taught, monkeypatch):
+    teacher_run, _, overrides = taught
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="only the label stage runs distributed"):
+        run_pipeline(build_config({}, overrides), teacher_run, stages=["teach", "label"])
+    with pytest.raises(ValueError, match="MuST runs in one process"):
+        run_must(build_config({}, overrides), teacher_run)

@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from selftrain.config import Config, ConfigError
+from selftrain.distributed import current_ranks
 from selftrain.engine import build_runtime
 from selftrain.outputs import RunFolder
 
@@ -37,6 +38,8 @@ def run_must(cfg: Config, out: str | Path, *, stages: tuple[str, ...] | list[str
     from selftrain.must.transfer import must_results
     from selftrain.report import build_report
 
+    if (world_size := current_ranks().world_size) > 1:
+        raise ValueError(f"{world_size} processes (torchrun): MuST runs in one process; `selftrain label` is the stage that runs distributed")
     if not cfg.must.teachers:
         raise ConfigError("must.teachers: no teacher declared; MuST needs at least one (see configs/must/example.yaml)")
     todo = tuple(stages or (MUST_STAGES if cfg.must.transfer.downstream else MUST_STAGES[:2]))
