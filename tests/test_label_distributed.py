@@ -190,3 +190,17 @@ def test_stages_other_than_label_refuse_to_run_on_several_processes(taught, monk
         run_pipeline(build_config({}, overrides), teacher_run, stages=["teach", "label"])
     with pytest.raises(ValueError, match="MuST runs in one process"):
         run_must(build_config({}, overrides), teacher_run)
+
+
+def test_each_rank_removes_only_the_leftovers_of_its_own_files(tmp_path):
+    root = tmp_path / "s"
+    header = {"fingerprint": {"teacher": "t"}, "n_shards": 4, "shard_size": 2, "tasks": ["classification"]}
+    PseudoLabelStore.create(root, **header)
+    names = ["shard-00000.parquet.tmp-1", "shard-00001.parquet.tmp-2", "shard-00002.parquet.tmp-3",
+             "shard-00003.parquet.tmp-4", "manifest.json.tmp-5", "selection.parquet.tmp-6"]  # fmt: skip
+    for name in names:
+        (root / name).write_bytes(b"torn")
+    PseudoLabelStore.create(root, **header, rank=1, world_size=2)  # another rank may be writing the rest
+    assert sorted(p.name for p in root.glob("*.tmp*")) == sorted(set(names) - {names[1], names[3]})
+    PseudoLabelStore.create(root, **header, rank=0, world_size=2)
+    assert not list(root.glob("*.tmp*"))
