@@ -1,7 +1,7 @@
 """Distributed labeling: ranks label disjoint input shards; 2 gloo processes give the records of 1.
 
-The ranks are real processes, forked (so they inherit the imports instead of spending
-seconds importing torch again), with the variables ``torchrun`` sets (RANK, WORLD_SIZE,
+The ranks are real processes, spawned (a process forked from a parent whose OpenMP threads
+already ran can hang in its first parallel operation), with the variables ``torchrun`` sets (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT), each running the command line
 ``selftrain label --out OUT --set ...``. The process group's timeout and a hard timeout on
 every process make a broken test fail instead of hanging.
@@ -104,7 +104,7 @@ def test_two_ranks_label_101_images_into_101_records_as_one_process_does(taught,
     teacher_run, one, overrides = taught
     out = tmp_path / "two"
     shutil.copytree(teacher_run, out)
-    _join(_fork_ranks(out, overrides))
+    _join(_start_ranks(out, overrides))
     _assert_same_records(out, one)
     assert PseudoLabelStore(out / "label" / "round-1").header["n_shards"] == (POOL + SHARD - 1) // SHARD
 
@@ -116,9 +116,9 @@ def _rank_main(rank: int, world_size: int, port: int, out: str, overrides: list[
     app(["label", "--out", out, *[a for o in overrides for a in ("--set", o)]], standalone_mode=False)
 
 
-def _fork_ranks(out: Path, overrides: list[str], world_size: int = 2) -> list:
-    """The ranks as forked processes: they inherit the imports, so start in a fraction of a second."""
-    ctx = mp.get_context("fork")
+def _start_ranks(out: Path, overrides: list[str], world_size: int = 2) -> list:
+    """The ranks as spawned processes (fresh interpreters, as torchrun starts them)."""
+    ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, str(out), overrides)) for r in range(world_size)]
     for p in procs:
@@ -129,7 +129,7 @@ def _fork_ranks(out: Path, overrides: list[str], world_size: int = 2) -> list:
 def _kill_rank_1_mid_way(out: Path, overrides: list[str]) -> bool:
     """Starts 2 ranks, SIGKILLs rank 1 once it wrote a shard (then rank 0, as torchrun would)."""
     store = out / "label" / "round-1"
-    procs = _fork_ranks(out, overrides)
+    procs = _start_ranks(out, overrides)
     deadline = time.monotonic() + PROCESS_TIMEOUT_S
     try:
         while not any(store.glob("shard-*[13579].parquet")):
@@ -158,7 +158,7 @@ def test_a_rank_killed_mid_way_then_the_job_rerun_gives_101_records_none_twice(t
     assert killed_mid_way
     store = PseudoLabelStore(out / "label" / "round-1")
     assert not store.complete and 0 < len(store.done_shards()) < store.header["n_shards"]
-    _join(_fork_ranks(out, overrides))
+    _join(_start_ranks(out, overrides))
     _assert_same_records(out, one)
 
 
