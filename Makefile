@@ -12,7 +12,7 @@ SEEDS  ?= 0
 
 .PHONY: setup browser data demo test test-slow bench bench-pretrain clean
 
-setup: $(STAMP) browser
+setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,10 +44,10 @@ browser:
 demo: setup data
 	$(BIN)/selftrain demo --out $(OUT) --seeds $(SEEDS)
 
-test: setup data
+test: setup browser data
 	$(BIN)/python -m pytest -q
 
-test-slow: setup data
+test-slow: setup browser data
 	$(BIN)/python -m pytest -q --runslow
 
 bench: setup data
