@@ -78,8 +78,8 @@ def planted(tmp_path_factory) -> tuple[Path, dict[str, int]]:
     """~54 distinct photo tiles and one planted near-duplicate for every second tile; key -> original."""
     root = tmp_path_factory.mktemp("pool")
     tiles = photo_tiles()
-    if len(tiles) < 30:
-        pytest.skip("the sample photos of scikit-learn / matplotlib are not installed")
+    # scikit-learn (test extra) and matplotlib (a dependency) ship these photos; make test installs both.
+    assert len(tiles) >= 30, f"only {len(tiles)} photo tiles: the sample photos of scikit-learn / matplotlib are missing"
     truth = {}
     for k, tile in enumerate(tiles):
         Image.fromarray(tile).save(root / f"tile{k:03d}.png")
