@@ -37,11 +37,18 @@ class ConfigError(ValueError):
 
 #: Tasks that teach / label / student / transfer run end to end; a task registered in
 #: selftrain.tasks but not listed here is refused with a message saying so.
-PIPELINE_TASKS = ("classification", "segmentation", "depth", "detection", "keypoints")
+PIPELINE_TASKS = ("classification", "segmentation", "depth", "detection", "keypoints",
+                  "landmarks", "au", "emotion", "alignment3d", "verification")  # fmt: skip
+#: Tasks a MuST teacher may have (the face tasks run through the single-task stages only).
+MUST_TASKS = ("classification", "segmentation", "depth", "detection", "keypoints")
+#: The face benchmark's tasks (Bulat et al. 2021); verification has no pseudo labels.
+FACE_TASKS = ("landmarks", "au", "emotion", "alignment3d", "verification")
 #: ``data.image_size`` when it is not set and the labeled images are files, which may differ in size.
 FILE_IMAGE_SIZE = 32
 #: Tasks with one target dict per image (boxes, masks, depth maps, points) rather than a class per image.
-DENSE_TASKS = ("segmentation", "depth", "detection", "keypoints")
+DENSE_TASKS = ("segmentation", "depth", "detection", "keypoints", *FACE_TASKS)
+#: Tasks whose pseudo labels are regression outputs without a confidence: label.threshold must stay 0.
+NO_CONFIDENCE_TASKS = ("depth", "au", "alignment3d")
 
 
 class _Strict(BaseModel):
@@ -76,6 +83,10 @@ class DataConfig(_Strict):
     )  # fmt: skip
     channels: Literal[1, 3] | None = None
     pool_limit: int | None = Field(None, ge=1, description="use only the first N pool images")
+    shots: int | None = Field(
+        None, ge=1, description="k-shot: keep k labeled images per class (k in all for a source without classes) "
+        "instead of data.label_fraction; seeded and nested like the fractions",
+    )  # fmt: skip
     strict: bool = Field(False, description="a bad image is an error instead of a counted skip")
 
 
@@ -170,6 +181,10 @@ class TeachConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     augment: Augment = "S1"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    freeze_backbone: bool = Field(
+        False, description="train the task head only, on the frozen backbone (batch-norm statistics frozen too): "
+        "a linear probe for the heads on pooled features, a frozen-feature decoder for heatmap heads",
+    )  # fmt: skip
     optim: OptimConfig = OptimConfig()
 
 
@@ -282,8 +297,8 @@ class MustTeacherConfig(_Strict):
     def _spec(self) -> MustTeacherConfig:
         from selftrain.tasks import TASKS
 
-        if self.task not in PIPELINE_TASKS:
-            known = ", ".join(t for t in TASKS.names() if t in PIPELINE_TASKS)
+        if self.task not in MUST_TASKS:
+            known = ", ".join(t for t in TASKS.names() if t in MUST_TASKS)
             raise ValueError(f"task: unknown task {self.task!r}; known: {known}")
         kind, _, rest = self.spec.partition(":")
         if kind not in TEACHER_KINDS:
@@ -514,12 +529,15 @@ class Config(_Strict):
         problems = []
         if self.label.balance or self.label.per_class is not None:
             problems.append(f"label.balance / label.per_class: class balancing is for classification, not {t}")
-        if {"temperature", "hard"} & self.label.model_fields_set:
+        if {"temperature", "hard"} & self.label.model_fields_set and t != "emotion":
             problems.append(f"label.temperature / label.hard: classification options; {t} pseudo labels are "
                             "hard masks, teacher depth maps, scored boxes or points with confidences")  # fmt: skip
-        if t == "depth" and self.label.threshold > 0:
-            problems.append("label.threshold: depth pseudo labels have no confidence to filter on; leave it 0")
-        if self.teach.label_smoothing > 0:
+        if t in NO_CONFIDENCE_TASKS and self.label.threshold > 0:
+            problems.append(f"label.threshold: {t} pseudo labels have no confidence to filter on; leave it 0")
+        if t == "verification" and {"label", "student"} & set(self.stages):
+            problems.append("stages: verification has no pseudo labels (a test set's identities are never the training "
+                            "ones); it runs pretrain, teach and transfer only")  # fmt: skip
+        if self.teach.label_smoothing > 0 and t != "emotion":
             problems.append(f"teach.label_smoothing: for classification only, not {t}")
         if set(self.transfer.protocols) - {"evaluate"}:
             problems.append(f"transfer.protocols: linear and finetune are classification protocols; {t} runs only evaluate")

@@ -59,6 +59,26 @@ class Network(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1))
 
+    #: ``freeze_backbone``: only the head trains, and the backbone stays in eval mode (its batch-norm
+    #: statistics are those of the init), so a frozen-backbone probe measures the init's features.
+    frozen_backbone = False
+
+    def freeze_backbone(self) -> list[nn.Parameter]:
+        """Freezes the backbone for a head-only probe; returns the parameters left to train (the head's)."""
+        if self.head is None:
+            raise ValueError("teach.freeze_backbone is for tasks with a head on the feature pyramid; classification "
+                             "probes a frozen backbone with transfer.protocols: [linear]")  # fmt: skip
+        self.frozen_backbone = True
+        self.backbone.requires_grad_(False)
+        self.train(self.training)
+        return list(self.head.parameters())
+
+    def train(self, mode: bool = True) -> Network:
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()
+        return self
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from selftrain.atomic import atomic_write_text
 from selftrain.config import FILE_IMAGE_SIZE, Config
-from selftrain.data import Source, build_source, labeled_subset, load_split, save_split, scan
+from selftrain.data import Source, build_source, kshot_subset, labeled_subset, load_split, save_split, scan
 from selftrain.distributed import current_ranks, init_from_env
 from selftrain.engine import Runtime, build_runtime
 from selftrain.outputs import RunFolder
@@ -85,12 +85,17 @@ def _scanned(source: Source, cfg: Config, indices: np.ndarray, name: str, report
 def _labeled_split(cfg: Config, run: RunFolder, labeled: Source, dense: bool) -> np.ndarray:
     """Draws the labeled split and saves its keys, or checks them against the saved ones.
 
-    Seeded and nested (:func:`~selftrain.data.labeled_subset`), stratified on the source's
+    Seeded and nested (:func:`~selftrain.data.labeled_subset`, or :func:`~selftrain.data.kshot_subset`
+    with ``data.shots``), stratified on the source's
     image-level labels where it has any; dense sources keep their images without one.
     """
     d = cfg.data
-    split_path = run.root / "splits" / f"labeled-{d.label_fraction:g}-seed{cfg.seed}.json"
-    labeled_idx = labeled_subset(labeled.labels, d.label_fraction, cfg.seed, keep_unknown=dense)
+    size = f"{d.shots}shot" if d.shots else f"{d.label_fraction:g}"
+    split_path = run.root / "splits" / f"labeled-{size}-seed{cfg.seed}.json"
+    if d.shots:
+        labeled_idx = kshot_subset(labeled.labels, d.shots, cfg.seed)
+    else:
+        labeled_idx = labeled_subset(labeled.labels, d.label_fraction, cfg.seed, keep_unknown=dense)
     keys = [labeled.key(int(i)) for i in labeled_idx]
     if split_path.exists():
         saved, _ = load_split(split_path)
@@ -98,7 +103,8 @@ def _labeled_split(cfg: Config, run: RunFolder, labeled: Source, dense: bool) ->
             raise ValueError(f"{split_path}: the labeled split on disk differs from the one drawn now; the data changed")
     else:
         stratified = bool((labeled.labels >= 0).any())
-        save_split(split_path, keys, {"uri": d.labeled, "fraction": d.label_fraction, "seed": cfg.seed, "stratified": stratified})
+        save_split(split_path, keys, {"uri": d.labeled, "fraction": d.label_fraction, "shots": d.shots, "seed": cfg.seed,
+                                      "stratified": stratified})  # fmt: skip
     return labeled_idx
 
 

@@ -35,10 +35,11 @@ def network_spec(cfg: Config, data) -> NetworkSpec:
 
 def train_supervised(
     net: Network, cfg: Config, data, runtime: Runtime, folder: Path, *, steps: int, batch_size: int, augment: str,
-    optim, desc: str, seed: int, label_smoothing: float = 0.0,
+    optim, desc: str, seed: int, label_smoothing: float = 0.0, freeze_backbone: bool = False,
 ) -> float:  # fmt: skip
-    """Trains ``net`` on the labeled split; returns the training seconds."""
+    """Trains ``net`` on the labeled split (its head only with ``freeze_backbone``); returns the training seconds."""
     task = build_task(cfg.task, data.labeled)
+    params = net.freeze_backbone() if freeze_backbone else None
     aug = BatchAugment(augment)
     batches = BatchIndices(len(data.labeled_idx), batch_size, seed)
     net.to(runtime.device)
@@ -53,7 +54,7 @@ def train_supervised(
             outputs = net(x)
         return {"loss": task.loss(outputs, target).mean()}
 
-    result = fit(net, step_fn, steps=steps, optim=optim, engine=cfg.engine, out_dir=folder, seed=seed, desc=desc)
+    result = fit(net, step_fn, steps=steps, optim=optim, engine=cfg.engine, out_dir=folder, seed=seed, desc=desc, params=params)
     return result.seconds
 
 
@@ -70,7 +71,7 @@ def teach(cfg: Config, run: RunFolder, data, runtime: Runtime) -> Path:
     t = cfg.teach
     seconds = train_supervised(
         net, cfg, data, runtime, folder, steps=t.steps, batch_size=t.batch_size, augment=t.augment,
-        optim=t.optim, desc="teach", seed=cfg.seed, label_smoothing=t.label_smoothing,
+        optim=t.optim, desc="teach", seed=cfg.seed, label_smoothing=t.label_smoothing, freeze_backbone=t.freeze_backbone,
     )  # fmt: skip
     meta = {"spec": spec.__dict__, "stage": "teach", "round": 0, "seconds": seconds, "seed": cfg.seed}
     export_model(weights, net, meta)

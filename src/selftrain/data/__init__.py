@@ -23,7 +23,7 @@ from selftrain.data.sources import (
     build_source,
     scan,
 )
-from selftrain.data.splits import labeled_subset, load_split, save_split
+from selftrain.data.splits import kshot_subset, labeled_subset, load_split, save_split
 
 __all__ = [
     "SCENE_CLASSES",
@@ -39,6 +39,7 @@ __all__ = [
     "VocSource",
     "build_source",
     "decode_image",
+    "kshot_subset",
     "labeled_subset",
     "load_split",
     "save_split",

@@ -23,7 +23,7 @@ logger = logging.getLogger("selftrain.data")
 
 KNOWN_SCHEMES = ("fashion-mnist", "mnist", "idx", "imagefolder", "scenes", "coco", "voc", "depth", "keypoints")
 # Face formats (selftrain.data.annotations.face_landmarks and .faces).
-FACE_SCHEMES = ("pts", "wflw", "aflw3d", "au", "affectnet")
+FACE_SCHEMES = ("pts", "wflw", "aflw3d", "au", "affectnet", "lfw-pairs")
 KNOWN_SCHEMES += FACE_SCHEMES
 
 # Progress bars for a few hundred images are noise in logs.
@@ -244,7 +244,7 @@ def build_source(
     :func:`selftrain.data.scenes.build_scenes`). Dense annotations in their real formats:
     ``coco:ANNOTATIONS.json``, ``voc:ROOT``, ``depth:ROOT``, ``keypoints:FILE.csv|.json`` (see
     :mod:`selftrain.data.annotations`). Face formats: ``pts:DIR``, ``wflw:FILE.txt``,
-    ``aflw3d:DIR``, ``au:FILE.csv``, ``affectnet:FILE.csv`` (see
+    ``aflw3d:DIR``, ``au:FILE.csv``, ``affectnet:FILE.csv``, ``lfw-pairs:PAIRS.txt`` (see
     :mod:`selftrain.data.annotations.face_landmarks` and :mod:`selftrain.data.annotations.faces`).
 
     Args:

@@ -80,6 +80,35 @@ def labeled_subset(labels: np.ndarray, fraction: float, seed: int, *, keep_unkno
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
+def kshot_subset(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """``shots`` labeled samples per class (k-shot), nested in ``shots`` and with the label fractions.
+
+    Each class takes the first ``min(shots, n_c)`` samples of the same per-class order
+    :func:`labeled_subset` uses (``default_rng([seed, c])``), so the 1-shot subset is inside the
+    5-shot one, and a k-shot subset is inside every fraction that keeps at least k of each class.
+    Without known labels (regression targets), ``shots`` samples in all, from the first
+    ``shots`` of the all-samples order.
+
+    Raises:
+        ValueError: ``shots`` below 1, or an invalid seed or labels.
+    """
+    labels = _check_labels(labels)
+    if isinstance(shots, bool) or not isinstance(shots, numbers.Integral) or shots < 1:
+        raise ValueError(f"shots must be a positive integer, got {shots!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    known = labels >= 0
+    if not known.any():
+        order = np.random.default_rng([int(seed)]).permutation(labels.size)
+        return np.sort(order[: int(shots)]).astype(np.int64)
+    picked = []
+    for c in np.unique(labels[known]):
+        members = np.flatnonzero(labels == c)
+        order = np.random.default_rng([int(seed), int(c)]).permutation(members.size)
+        picked.append(members[order[: int(shots)]])
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
 def _take(fraction: float, n: int) -> int:
     # round() is monotonic in `fraction`, so larger fractions take longer prefixes.
     return max(1, round(fraction * n))

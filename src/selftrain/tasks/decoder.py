@@ -75,3 +75,19 @@ class DenseHead(nn.Module):
         if tuple(out.shape[-2:]) != tuple(size):
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
         return out
+
+
+class PooledHead(nn.Module):
+    """A linear layer on the average-pooled coarsest pyramid level: pyramid -> (B, out_features).
+
+    The head of the face tasks with one vector per image (action-unit intensities, expression
+    logits and valence/arousal, 3D points, identity embeddings); with a frozen backbone it is a
+    linear probe.
+    """
+
+    def __init__(self, channels: Sequence[int], out_features: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(int(channels[-1]), out_features)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.fc(features[-1].mean(dim=(2, 3)))  # (B, C, h, w) -> (B, out_features)

@@ -198,3 +198,44 @@ def maps_from_column(table: pa.Table, name: str, dtype: np.dtype) -> list[np.nda
     heights = table.column(f"{prefix}.height").to_pylist()
     widths = table.column(f"{prefix}.width").to_pylist()
     return [np.frombuffer(b, dtype=dtype).reshape(h, w) for b, h, w in zip(data, heights, widths)]
+
+
+class SetMeter:
+    """Collects a whole evaluation set's predictions and targets (target dicts, or anything a task's
+    ``predict`` / ``metric_targets`` give), then ``compute`` applies a metric to all of them at once.
+
+    The face metrics need every score together (ICC's variances, CCC, fold thresholds), so they are
+    not batch accumulators (:mod:`selftrain.metrics_faces`).
+    """
+
+    def __init__(self, metric) -> None:
+        self.metric = metric
+        self.preds: list = []
+        self.targets: list = []
+
+    def update(self, preds, targets) -> None:
+        self.preds.extend(preds)
+        self.targets.extend(targets)
+
+    def compute(self) -> dict[str, float]:
+        if not self.preds:
+            return {}
+        return self.metric(self.preds, self.targets)
+
+
+class ImageLevelTask(DenseTask):
+    """A task with one target vector per image that the geometry of the image does not move
+    (action-unit intensities, expression and valence/arousal, identity): flips and crops change
+    the pixels only. Its targets are still one dict per image, so the stages treat it as dense."""
+
+    needs_classes = False
+
+    @staticmethod
+    def augment(aug, images: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, Targets]:
+        return aug(images), list(targets)
+
+
+def vector_column(table: pa.Table, name: str, key: str, width: int) -> Targets:
+    """Store rows of a ``list<float32>`` column -> ``{key: (width,) float32}`` per row."""
+    values = table.column(name).to_pylist()
+    return [{key: torch.tensor(v, dtype=torch.float32).reshape(width)} for v in values]

@@ -33,13 +33,16 @@ from selftrain.data.annotations.base import (
 from selftrain.data.annotations.coco import CocoSource, build_coco, rle_string_counts
 from selftrain.data.annotations.depth import DepthSource, build_depth
 from selftrain.data.annotations.face_landmarks import FaceLandmarkSource, build_aflw3d, build_pts, build_wflw
-from selftrain.data.annotations.faces import FaceTableSource, PairSet, build_affectnet, build_au, read_pairs
+from selftrain.data.annotations.faces import (
+    FaceTableSource, PairSet, PairSource, build_affectnet, build_au, build_lfw_pairs, read_pairs,
+)  # fmt: skip
 from selftrain.data.annotations.keypoints import KeypointSource, build_keypoints
 from selftrain.data.annotations.voc import VOC_CLASSES, VocSource, build_voc
 
 #: Builders of the face schemes, by scheme (``build_source`` dispatches to them).
 FACE_BUILDERS = {
     "pts": build_pts, "wflw": build_wflw, "aflw3d": build_aflw3d, "au": build_au, "affectnet": build_affectnet,
+    "lfw-pairs": build_lfw_pairs,
 }  # fmt: skip
 
 __all__ = [
@@ -47,6 +50,7 @@ __all__ = [
     "FaceLandmarkSource",
     "FaceTableSource",
     "PairSet",
+    "PairSource",
     "build_affectnet",
     "build_aflw3d",
     "build_au",

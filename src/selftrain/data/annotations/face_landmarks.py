@@ -46,6 +46,16 @@ FLIP_PAIRS_68 = (
     (36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46),  # eyes
     (48, 54), (49, 53), (50, 52), (55, 59), (56, 58), (60, 64), (61, 63), (65, 67),  # mouth
 )  # fmt: skip
+#: ``(left, right)`` pairs of WFLW's 98-point scheme (0-based), as in the WFLW evaluation code of HRNet
+#: (Wang et al. 2020): contour, brows, eyes, nostrils, mouth and pupils.
+FLIP_PAIRS_98 = (
+    *((k, 32 - k) for k in range(16)),  # contour
+    (33, 46), (34, 45), (35, 44), (36, 43), (37, 42), (38, 50), (39, 49), (40, 48), (41, 47),  # brows
+    (60, 72), (61, 71), (62, 70), (63, 69), (64, 68), (65, 75), (66, 74), (67, 73),  # eyes
+    (55, 59), (56, 58),  # nostrils
+    (76, 82), (77, 81), (78, 80), (87, 83), (86, 84), (88, 92), (89, 91), (95, 93),  # mouth
+    (96, 97),  # pupils
+)  # fmt: skip
 WFLW_ATTRIBUTES = ("pose", "expression", "illumination", "make-up", "occlusion", "blur")
 _WFLW_POINTS = 98
 
@@ -55,7 +65,7 @@ class FaceLandmarkSource(KeypointSource):
 
     Attributes:
         interocular: The outer eye corner indices (68 points: 36, 45; 98 points: 60, 72).
-        keypoint_flip_pairs: Point pairs a horizontal flip swaps (68-point sources).
+        keypoint_flip_pairs: Point pairs a horizontal flip swaps (68- and 98-point sources).
         boxes, attributes: WFLW only: ``(N, 4)`` face boxes and ``(N, 6)`` 0/1 attribute flags.
         points3d: AFLW2000-3D only: the ``(68, 3)`` 3D points of each image.
     """
@@ -65,8 +75,8 @@ class FaceLandmarkSource(KeypointSource):
         super().__init__(uri, items, points, **kwargs)
         self.boxes, self.attributes, self._points3d = extra["boxes"], extra["attributes"], extra["points3d"]
         self.interocular = {68: (36, 45), 98: (60, 72)}.get(self.num_points)
-        if self.num_points == 68:
-            self.keypoint_flip_pairs = FLIP_PAIRS_68
+        if self.num_points in (68, 98):
+            self.keypoint_flip_pairs = FLIP_PAIRS_68 if self.num_points == 68 else FLIP_PAIRS_98
 
     def _raw_targets(self, i: int) -> dict[str, np.ndarray]:
         targets = super()._raw_targets(i)

@@ -17,6 +17,8 @@
   expression), ``keypoints`` (``(68, 3)`` from the ``x1;y1;x2;y2;...`` landmarks, iBUG's 68-point
   scheme, so ``num_points`` and ``keypoint_flip_pairs`` are set for the ``keypoints`` task) and
   ``valence_arousal`` (``(2,)``, each in ``[-1, 1]``).
+- ``lfw-pairs:PAIRS.txt[?images=DIR]`` -- the distinct images of a pairs file as a test source
+  (:class:`PairSource`, ``source.pairs``), what a ``verification`` run is measured on.
 
 ``DIR`` defaults to the file's folder. Malformed lines are dropped and counted with their line
 number and reason in ``annotation_skips`` (``read_pairs``: ``PairSet.skips``), or raised naming the
@@ -44,6 +46,7 @@ from selftrain.data.annotations.base import (
     _split_uri,
 )
 from selftrain.data.annotations.face_landmarks import FLIP_PAIRS_68
+from selftrain.data.imagefolder import ImageFolderSource
 from selftrain.data.sources import DataError
 from selftrain.metrics_faces import EXPRESSIONS
 
@@ -255,3 +258,36 @@ def build_affectnet(uri: str, rest: str, *, image_size: int | None, channels: in
                            target_keys=("boxes", "labels", "keypoints", "valence_arousal"), channels=channels,
                            image_size=image_size, skips=skips.finish(len(items)), num_points=68,
                            keypoint_flip_pairs=FLIP_PAIRS_68)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ a pairs test set
+
+
+class PairSource(ImageFolderSource):
+    """The distinct images of an LFW pairs file as an image source, with the pairs beside them.
+
+    ``lfw-pairs:PAIRS.txt[?images=DIR]`` is what a ``verification`` run measures on
+    (``data.test``): the network embeds every image once and :attr:`pairs` says which two images
+    each pair compares. Unlabeled (no classes): the identities of a test set are never learned.
+    """
+
+    target_keys = ("pairs",)
+
+    def __init__(self, uri: str, root: Path, pairs: PairSet, *, channels: int | None, image_size: int | None) -> None:
+        rel = [p.relative_to(root).as_posix() for p in pairs.images]
+        super().__init__(uri, root, rel, np.full(len(rel), -1, dtype=np.int64), classes=None, channels=channels,
+                         image_size=image_size)  # fmt: skip
+        self.pairs = pairs
+        self.annotation_skips = pairs.skips
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "pairs": len(self.pairs), "same": int(self.pairs.same.sum()),
+                "folds": int(len(np.unique(self.pairs.fold)))}  # fmt: skip
+
+
+def build_lfw_pairs(uri: str, rest: str, *, image_size: int | None, channels: int | None, strict: bool) -> PairSource:
+    """Builds the source for ``lfw-pairs:PAIRS.txt[?images=DIR]`` (see :func:`read_pairs`)."""
+    target, params = _split_uri(uri, rest, "lfw-pairs", ("images",))
+    path = Path(target).expanduser()
+    root = _directory(uri, Path(params["images"]).expanduser() if "images" in params else path.parent)
+    return PairSource(uri, root, read_pairs(path, root, strict=strict), channels=channels, image_size=image_size)
