@@ -200,6 +200,21 @@ def study(
                   f"{result['rows']} rows in {out / 'results.csv'}; report: {out / 'report.html'}")  # fmt: skip
 
 
+@app.command()
+def faces(
+    config: Annotated[Path, typer.Argument(help="face benchmark YAML: base, data, pretrain_data, tasks, inits, splits, protocols, seeds")],
+    out: OutOpt = Path("runs/faces"),
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="cells run in parallel processes")] = None,
+    set: SetOpt = None,
+) -> None:
+    """Run the face benchmark (Bulat et al. 2021): every face task x init x label fraction / k-shot x protocol x seed."""
+    from selftrain.faces import load_benchmark, run_benchmark
+
+    result = run_benchmark(load_benchmark(config, list(set or [])), out, jobs=jobs)
+    console.print(f"[green]done[/green]: {len(result['ran'])} cell(s) run, {len(result['cells'])} in all; "
+                  f"{result['rows']} rows in {out / 'results.csv'}; report: {out / 'report.html'}")  # fmt: skip
+
+
 @app.command("config")
 def show_config(config: ConfigArg = None, set: SetOpt = None) -> None:
     """Print the resolved config (defaults filled in, overrides applied)."""

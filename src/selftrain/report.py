@@ -446,7 +446,10 @@ def _sections(doc: dict[str, Any], markdown: bool) -> list[str]:
     from selftrain.must.benchmark_report import section
 
     table = _md_table if markdown else _html_table
+    from selftrain.faces import frl_section
+
     first = section(doc["rows"], markdown, table)  # the MuST transfer benchmark, when the folder has one
+    first += frl_section(doc["rows"], markdown, table, _Grid, _Cell)  # the face benchmark, when it has one
     note = _DELTA_NOTE if doc["grids"] else "No results."
     if any("(lower is better)" in g.caption for g in doc["grids"]):
         note += " " + _LOWER_NOTE

@@ -38,6 +38,7 @@ class Landmarks(Keypoints):
     """
 
     name = "landmarks"
+    needs_classes = False
     metric = "nme"
     higher_is_better = False
 
