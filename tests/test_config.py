@@ -34,7 +34,7 @@ def test_bad_value_names_key_and_allowed():
 
 
 def test_unknown_task():
-    with pytest.raises(ConfigError, match="unknown task 'panoptic'; known: classification, depth, detection"):
+    with pytest.raises(ConfigError, match="unknown task 'panoptic'; known: alignment3d, au, classification, depth, detection, emotion"):
         build_config({"task": "panoptic"})
 
 
@@ -90,6 +90,12 @@ def test_every_shipped_config_loads(path, tmp_path):
 
         study, base = load_study(path)
         assert validate(study, base, tmp_path)
+    elif "faces" in path.relative_to(path.parents[1]).parts:  # a face benchmark: every cell's run config
+        from selftrain.faces import cell_config, load_benchmark, plan
+
+        bench = load_benchmark(path)
+        cells = plan(bench)
+        assert cells and all(isinstance(cell_config(bench, c, tmp_path, tmp_path / "data"), Config) for c in cells)
     else:
         assert isinstance(load_config(path), Config)
 

@@ -191,8 +191,15 @@ def pretrain_config(bench: FaceBenchmarkConfig, init: str, seed: int, data: Path
     """The shared pre-training of ``init`` (its data from ``pretrain_data``), only the pretrain stage."""
     method = "supervised" if init == "supervised" else init.split(":", 1)[1]
     source = _uri(bench.pretrain_data[init], data)
+    # The run around the stage needs a labeled source with classes (its images give the normalization
+    # statistics): the pre-training source when supervised, else the first identity source of the tasks.
+    labeled = source if method == "supervised" else next(
+        (_uri(t.labeled, data) for t in bench.tasks if t.task in ("verification", "emotion")), None)
+    if labeled is None:
+        raise ConfigError(f"init {init}: a self-supervised pre-training needs a verification or emotion task among the tasks "
+                          "(its labeled source sizes the run around the pretrain stage)")  # fmt: skip
     sets = ["task=classification", f"seed={seed}", "stages=[pretrain]", f"pretrain.method={method}", f"pretrain.data={source}",
-            f"data.labeled={source}", "data.unlabeled=", "data.test=", "data.shots="]  # fmt: skip
+            f"data.labeled={labeled}", "data.label_fraction=1.0", "data.unlabeled=", "data.test=", "data.shots="]  # fmt: skip
     base = {k: v for k, v in bench.base.items() if k not in ("task",)}
     return build_config(base, sets, source=f"face pretrain {init}")
 

@@ -521,7 +521,9 @@ def build_report(out_dir: str | Path, *, title: str | None = None) -> dict[str, 
     notes: list[str] = []
     study = rethinking.read_study(out)
     # A study's results.csv is built from its cells' rows relabeled in study terms: it alone counts.
-    rows = read_results(out) if study is None else read_results(out / "results.csv") if (out / "results.csv").exists() else []
+    # So is a face benchmark's (selftrain.faces): its cells' own results.csv carry the runs' raw labels.
+    own = study is not None or (out / "benchmark.json").exists()
+    rows = read_results(out) if not own else read_results(out / "results.csv") if (out / "results.csv").exists() else []
     labels, curves = _load_manifests(out, notes), _load_curves(out, notes)
     table, deltas = main_table(rows)
     summary: dict[str, Any] = {"table": table, "deltas": deltas}
