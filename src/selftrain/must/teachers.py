@@ -163,7 +163,9 @@ def resize_target(target: Target, source: tuple[int, int], size: tuple[int, int]
 
 
 def teacher_task(tcfg: MustTeacherConfig, pool: Source, where: str, *, data: Source | None = None, spec: dict | None = None):
-    """The task object of a teacher, sized by its data, its checkpoint, its ``classes`` or its human labels."""
+    """The task object of a teacher, sized by its face model, its data, its checkpoint, its ``classes`` or its human labels."""
+    if tcfg.kind in ("dlib", "fer", "mediapipe"):
+        return face_task(tcfg.spec)
     if data is not None:
         return build_task(tcfg.task, data)
     if spec is not None:
