@@ -192,3 +192,42 @@ def test_a_face_teachers_emotions_go_to_the_store_and_a_student_learns_them(tmp_
     majority = float(teacher.argmax(1).bincount().max()) / len(rows)
     print(f"to the teacher: untrained CE {ce0:.2f}, agreement {agree0:.2f}; student CE {ce1:.2f}, agreement {agree1:.2f}; majority {majority:.2f}")
     assert ce1 < ce0 - 0.5 and agree1 > max(agree0, majority) + 0.1  # measured: CE 1.96 -> 1.26, agreement 0.18 -> 0.73
+
+
+def test_the_label_stage_takes_a_face_teacher_in_the_labeled_sources_class_order(tmp_path):
+    """Single-task ``label`` with ``label.teacher=fer:emotion``: the labeled image folder (here LFW crops filed
+    under the 7 emotion names, only to name and order the classes) sorts them, unlike fer; the store follows it."""
+    from selftrain.pipeline import run_pipeline
+    from selftrain.store import PseudoLabelStore as Store
+
+    crops = lfw(64)
+    for c, name in enumerate(EMOTIONS):
+        (tmp_path / "labeled" / name).mkdir(parents=True)
+        Image.fromarray((crops[c, 0].numpy() * 255).astype(np.uint8)).save(tmp_path / "labeled" / name / "0.png")
+    (tmp_path / "pool").mkdir()
+    for i in range(90, 110):  # 10 faces, then 10 crops without one
+        Image.fromarray((crops[i, 0].numpy() * 255).astype(np.uint8)).save(tmp_path / "pool" / f"{i}.png")
+    cfg = build_config({}, [
+        "task=classification", f"data.labeled=imagefolder:{tmp_path / 'labeled'}", "data.test=null",
+        f"data.unlabeled=imagefolder:{tmp_path / 'pool'}?labels=none", "data.image_size=64", "data.channels=1",
+        "stages=[label]", "label.teacher=fer:emotion", "label.teacher_input_size=128", "label.temperature=1",
+        "engine.progress=false", "engine.threads=1", "model.backbone=cnn-tiny",
+    ])  # fmt: skip
+    run_pipeline(cfg, tmp_path / "run")
+    store = Store(tmp_path / "run" / "label" / "round-1")
+    manifest = store.manifest
+    assert manifest["processed"] == 20 and manifest["labelled"] + manifest["missing"] == 20 and manifest["labelled"] >= 8
+    assert manifest["missing_reasons"] == {NO_FACE: manifest["missing"]}
+    assert {m["key"] for m in manifest["missing_records"]} >= {f"{i}.png" for i in range(100, 110)} - {
+        k for k in store.read(columns=["key"]).column("key").to_pylist()}  # fmt: skip
+    table = store.read()
+    keys = table.column("key").to_pylist()
+    probs = torch.tensor(table.column("classification.probs").to_pylist())
+    assert sorted(manifest["classes"]) == manifest["classes"]  # angry, disgust, fear, happy, neutral, sad, surprise
+    # The store's probabilities are fer's, moved to the folder's order: the same face gives the same vector.
+    fer = build_face_teacher("fer:emotion")
+    images = F.interpolate(crops[[int(k.split(".")[0]) for k in keys]], size=(128, 128), mode="bilinear", antialias=True)
+    direct = torch.stack([t["probs"] for t in fer(images.expand(-1, 3, -1, -1))[0]])
+    order = [EMOTIONS.index(c) for c in manifest["classes"]]
+    # (the pool went through 8-bit PNGs, so the values differ a little; the order must not)
+    assert torch.equal(probs.argmax(1), direct[:, order].argmax(1)) and (probs - direct[:, order]).abs().max() < 0.1

@@ -232,7 +232,8 @@ def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1, 
     if external:
         from selftrain.must.teachers import build_face_teacher
 
-        teacher = build_face_teacher(cfg.task, cfg.label.teacher, cfg.label.face_box, cfg.label.teacher_input_size, task=task)
+        teacher = build_face_teacher(cfg.task, cfg.label.teacher, cfg.label.face_box, cfg.label.teacher_input_size, task=task,
+                                     classes=data.classes if not task.dense else None)  # fmt: skip
         teacher_id = teacher.fingerprint
     else:
         teacher_path = teacher_for_round(run, round_)

@@ -345,20 +345,32 @@ def face_task(spec: str):
     return build_task(model.task, list(model.names))
 
 
-def build_face_teacher(key: str, spec: str, face_box: str, input_size: int | None, task=None) -> Teacher:
+def build_face_teacher(key: str, spec: str, face_box: str, input_size: int | None, task=None, classes=None) -> Teacher:
     """A :class:`Teacher` around a face model of :mod:`selftrain.face_teachers` (pixels in [0, 1], RGB).
 
     Args:
         task: The task its labels go to (sized by a labeled source), checked against the model's; None: the model's.
+        classes: The labeled source's class names: a classifier's probabilities are put in their order.
     """
     from selftrain.face_teachers import build_face_teacher as build_model
-    from selftrain.face_teachers import model_fingerprint
+    from selftrain.face_teachers import face_model, model_fingerprint
 
     own = face_task(spec)
     if task is not None and (task.name != own.name or int(task.num_classes) != int(own.num_classes)):
         raise ValueError(f"teacher {spec} labels {own.name} with {own.num_classes} outputs; the task here is "
                          f"{task.name} with {task.num_classes}")  # fmt: skip
     model = build_model(spec, face_box)
+    names = list(face_model(spec).names)
+    if classes is not None and names and list(classes) != names:
+        if sorted(classes) != sorted(names):
+            raise ValueError(f"teacher {spec} labels the classes {names}; the labeled source has {list(classes)}")
+        order = torch.tensor([names.index(c) for c in classes])  # e.g. an image folder's sorted class names
+
+        def predict(x: torch.Tensor, model=model):
+            targets, confidence, reasons = model(x)
+            return [None if t is None else {"probs": t["probs"][order]} for t in targets], confidence, reasons
+
+        return Teacher(key, task or own, predict, input_size, 3, [0.0], [1.0], model_fingerprint(spec, face_box))
     return Teacher(key, task or own, model, input_size, 3, [0.0], [1.0], model_fingerprint(spec, face_box))
 
 
