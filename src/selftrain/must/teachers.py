@@ -17,6 +17,8 @@ spec                       model
                            (classification models; ``segmentation`` models' ``out`` logits)
 ``callable:pkg.mod:fn``    any Python function behind :class:`TeacherCallable` (an ONNX session,
                            MediaPipe, dlib, a rule...)
+``dlib:landmarks68`` ...   a face model shipped inside a package (:mod:`selftrain.face_teachers`:
+                           ``dlib:landmarks68|landmarks5``, ``fer:emotion``, ``mediapipe:facemesh``)
 ``none``                   no model: the task has human labels only (``human``)
 =========================  ====================================================================
 
@@ -66,7 +68,8 @@ class TeacherCallable(Protocol):
         ``None`` where it has no label for that image (e.g. no face found): ``{"probs": (K,)}``
         for classification, ``{"mask": (H, W) int64}`` (0 = background, ``c + 1`` = class ``c``, 255 =
         ignore), ``{"depth": (H, W)}``, ``{"boxes": (n, 4) XYXY, "labels": (n,), "scores": (n,)}``,
-        ``{"keypoints": (P, 3) x, y, v}``; and a confidence in [0, 1] per image, (B,).
+        ``{"keypoints": (P, 3) x, y, v}``; and a confidence in [0, 1] per image, (B,). A third
+        element may say why an image has no label (a string, or None where it has one).
     """
 
     def __call__(self, images: torch.Tensor) -> tuple[Sequence[Target | None], Sequence[float] | torch.Tensor]: ...
@@ -79,7 +82,7 @@ class Teacher:
     Attributes:
         key: The teacher's name (store columns ``<key>.*``, the student's head).
         task: The task object (sizes, store columns, loss).
-        predict: Preprocessed float images -> (targets or None per image, confidence (B,)).
+        predict: Preprocessed float images -> (targets or None per image, confidence (B,)[, reasons]).
         input_size: Side the model takes (images are resized to it), None: the pool's.
         channels: Channels the model takes (1 <-> 3 converted), None: the pool's.
         mean, std: Normalization applied before ``predict`` (selftrain networks normalize themselves).
@@ -96,8 +99,9 @@ class Teacher:
     fingerprint: dict
 
     @torch.no_grad()
-    def label(self, images: torch.Tensor, runtime: Runtime) -> tuple[list[Target | None], np.ndarray]:
-        """uint8 pool images (B, C, H, W) -> one target dict (or None) per image in their pixels, confidences (B,)."""
+    def label(self, images: torch.Tensor, runtime: Runtime) -> tuple[list[Target | None], np.ndarray, list[str | None]]:
+        """uint8 pool images (B, C, H, W) -> one target dict (or None) per image in their pixels, confidences
+        (B,), and why each image without a label has none (``no label`` when the teacher does not say)."""
         size = (int(images.shape[-2]), int(images.shape[-1]))
         x = images.to(runtime.device).float().div_(255)
         if self.channels and x.shape[1] != self.channels:
@@ -108,8 +112,9 @@ class Teacher:
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         with runtime.autocast():
-            targets, confidence = self.predict(((x - mean) / std).contiguous())
+            targets, confidence, *why = self.predict(((x - mean) / std).contiguous())
         targets = list(targets)
+        reasons = list(why[0]) if why else [None] * len(targets)
         confidence = np.asarray(torch.as_tensor(confidence).detach().float().cpu(), dtype=np.float32).reshape(-1)
         if len(targets) != len(images) or len(confidence) != len(images):
             raise ValueError(f"teacher {self.key!r} returned {len(targets)} labels and {len(confidence)} "
@@ -117,7 +122,8 @@ class Teacher:
         for t in targets:
             if t is not None:
                 check_target(self.task, t, f"teacher {self.key!r}")
-        return [None if t is None else resize_target(t, own, size) for t in targets], confidence
+        reasons = [None if t is not None else (r or "no label") for t, r in zip(targets, reasons)]
+        return [None if t is None else resize_target(t, own, size) for t in targets], confidence, reasons
 
 
 def check_target(task, target: Target, who: str) -> None:
@@ -157,7 +163,9 @@ def resize_target(target: Target, source: tuple[int, int], size: tuple[int, int]
 
 
 def teacher_task(tcfg: MustTeacherConfig, pool: Source, where: str, *, data: Source | None = None, spec: dict | None = None):
-    """The task object of a teacher, sized by its data, its checkpoint, its ``classes`` or its human labels."""
+    """The task object of a teacher, sized by its face model, its data, its checkpoint, its ``classes`` or its human labels."""
+    if tcfg.kind in ("dlib", "fer", "mediapipe"):
+        return face_task(tcfg.spec)
     if data is not None:
         return build_task(tcfg.task, data)
     if spec is not None:
@@ -327,6 +335,45 @@ def _callable_teacher(tcfg: MustTeacherConfig, pool: Source, where: str, data: S
                    {"callable": reference, "mean": mean, "std": std})  # fmt: skip
 
 
+def face_task(spec: str):
+    """The task a face teacher labels, sized by its model (points with their flip pairs, or its classes)."""
+    from selftrain.face_teachers import face_model
+
+    model = face_model(spec)
+    if model.task == "keypoints":
+        return TASKS.get("keypoints")(model.outputs, flip_pairs=model.flip_pairs)
+    return build_task(model.task, list(model.names))
+
+
+def build_face_teacher(key: str, spec: str, face_box: str, input_size: int | None, task=None, classes=None) -> Teacher:
+    """A :class:`Teacher` around a face model of :mod:`selftrain.face_teachers` (pixels in [0, 1], RGB).
+
+    Args:
+        task: The task its labels go to (sized by a labeled source), checked against the model's; None: the model's.
+        classes: The labeled source's class names: a classifier's probabilities are put in their order.
+    """
+    from selftrain.face_teachers import build_face_teacher as build_model
+    from selftrain.face_teachers import face_model, model_fingerprint
+
+    own = face_task(spec)
+    if task is not None and (task.name != own.name or int(task.num_classes) != int(own.num_classes)):
+        raise ValueError(f"teacher {spec} labels {own.name} with {own.num_classes} outputs; the task here is "
+                         f"{task.name} with {task.num_classes}")  # fmt: skip
+    model = build_model(spec, face_box)
+    names = list(face_model(spec).names)
+    if classes is not None and names and list(classes) != names:
+        if sorted(classes) != sorted(names):
+            raise ValueError(f"teacher {spec} labels the classes {names}; the labeled source has {list(classes)}")
+        order = torch.tensor([names.index(c) for c in classes])  # e.g. an image folder's sorted class names
+
+        def predict(x: torch.Tensor, model=model):
+            targets, confidence, reasons = model(x)
+            return [None if t is None else {"probs": t["probs"][order]} for t in targets], confidence, reasons
+
+        return Teacher(key, task or own, predict, input_size, 3, [0.0], [1.0], model_fingerprint(spec, face_box))
+    return Teacher(key, task or own, model, input_size, 3, [0.0], [1.0], model_fingerprint(spec, face_box))
+
+
 def build_teacher(cfg: Config, index: int, run: RunFolder, runtime: Runtime, pool: Source) -> Teacher | None:
     """Teacher ``must.teachers[index]``, trained first when its spec is ``train``; None for spec ``none``.
 
@@ -340,6 +387,8 @@ def build_teacher(cfg: Config, index: int, run: RunFolder, runtime: Runtime, poo
     if kind in ("train", "checkpoint"):
         path = train_teacher(cfg, tcfg, run, runtime) if kind == "train" else _checkpoint_path(argument)
         return _network_teacher(tcfg, path, pool, cfg.label, runtime, where)
+    if kind in ("dlib", "fer", "mediapipe"):
+        return build_face_teacher(tcfg.key, tcfg.spec, tcfg.face_box, tcfg.input_size)
     data = build_source(tcfg.data, progress=False) if tcfg.data else None
     if kind in ("timm", "torchvision"):
         return _hub_teacher(tcfg, pool, cfg.label, runtime, where, data)
