@@ -89,6 +89,18 @@ def test_rounds_and_hard_balanced_labels(small_idx, tmp_path):
     assert {r["round"] for r in rows if r["method"] == "self-training"} == {"1", "2"}
 
 
+def test_a_larger_student_backbone_is_trained_exported_and_measured(small_idx, tmp_path):
+    cfg = build_config({}, tiny_overrides(small_idx) + ["student.backbone=cnn-small"])
+    run_pipeline(cfg, tmp_path)
+    teacher = json.loads((tmp_path / "teach/model.json").read_text())["spec"]["backbone"]
+    student = json.loads((tmp_path / "student/round-1/model.json").read_text())["spec"]["backbone"]
+    assert (teacher, student) == ("cnn-tiny", "cnn-small")
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert any(r["method"] == "self-training" and r["metric"] == "top1" for r in rows)
+    with pytest.raises(ValueError, match="student.init=teacher needs the teacher's backbone"):
+        run_pipeline(build_config({}, tiny_overrides(small_idx) + ["student.backbone=cnn-small", "student.init=teacher"]), tmp_path / "b")
+
+
 def _write_folder(root: Path, images: np.ndarray, labels: np.ndarray | None, classes: list[str]) -> None:
     for i, img in enumerate(images):
         folder = root / classes[labels[i]] if labels is not None else root / f"part{i % 3}"

@@ -229,6 +229,9 @@ class StudentConfig(_Strict):
     """The student: human + pseudo labels, strong augmentation, loss normalization."""
 
     steps: int = Field(1200, ge=1)
+    backbone: str | None = Field(
+        None, description="the student's backbone; None: model.backbone. Noisy Student: equal to or larger than the teacher's"
+    )
     human_batch_size: int = Field(32, ge=1)
     pseudo_batch_size: int = Field(224, ge=1)
     augment: Augment = Field("S1", description="S1 measured best on 28 px Fashion-MNIST; S3/S4 suit larger images")

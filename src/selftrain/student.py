@@ -10,6 +10,7 @@ of the next round.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -71,6 +72,10 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
     task = build_task(cfg.task, data.labeled)
     pool_index, pseudo_targets = pseudo_records(run.root / "label" / f"round-{round_}", task)
     spec = network_spec(cfg, data)
+    if s.backbone and s.backbone != spec.backbone:
+        if s.init == "teacher":
+            raise ValueError(f"student.init=teacher needs the teacher's backbone ({spec.backbone}), not {s.backbone}")
+        spec = dataclasses.replace(spec, backbone=s.backbone)
     seed = cfg.seed * 100 + round_
     torch.manual_seed(seed)  # the initial weights are part of what a seed fixes
     net = Network(spec, drop_rate=s.drop_rate, weights=None if s.init == "random" else resolve_weights(cfg, run))
