@@ -37,11 +37,14 @@ def train_supervised(
     net: Network, cfg: Config, data, runtime: Runtime, folder: Path, *, steps: int, batch_size: int, augment: str,
     optim, desc: str, seed: int, label_smoothing: float = 0.0, freeze_backbone: bool = False,
 ) -> float:  # fmt: skip
-    """Trains ``net`` on the labeled split (its head only with ``freeze_backbone``); returns the training seconds."""
+    """Trains ``net`` on the labeled split (its head only with ``freeze_backbone``); returns the training seconds.
+
+    Under torchrun each rank trains on its share of every batch of ``batch_size`` (the global batch).
+    """
     task = build_task(cfg.task, data.labeled)
     params = net.freeze_backbone() if freeze_backbone else None
     aug = BatchAugment(augment)
-    batches = BatchIndices(len(data.labeled_idx), batch_size, seed)
+    batches = BatchIndices(len(data.labeled_idx), batch_size, seed, runtime.ranks, what=f"{desc}: the batch size")
     net.to(runtime.device)
     if runtime.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -74,8 +77,11 @@ def teach(cfg: Config, run: RunFolder, data, runtime: Runtime) -> Path:
         optim=t.optim, desc="teach", seed=cfg.seed, label_smoothing=t.label_smoothing, freeze_backbone=t.freeze_backbone,
     )  # fmt: skip
     meta = {"spec": spec.__dict__, "stage": "teach", "round": 0, "seconds": seconds, "seed": cfg.seed}
-    export_model(weights, net, meta)
-    atomic_write_text(folder / "done.json", json.dumps({"seconds": seconds, "steps": t.steps}))
+    ranks = runtime.ranks
+    if ranks.rank == 0:
+        export_model(weights, net, meta)
+        atomic_write_text(folder / "done.json", json.dumps({"seconds": seconds, "steps": t.steps}))
+    ranks.barrier()  # no rank reads the teacher (label) before rank 0 has written it
     log.info("teach: done in %.0f s -> %s", seconds, weights)
     return weights
 
