@@ -6,6 +6,11 @@ rest: optimizer and schedule, atomic checkpoints every ``checkpoint_every`` step
 resume (model, optimizer, schedule, RNG and loss-normalization state are all restored, and
 batches are a pure function of ``(seed, step)``), non-finite loss detection, progress bar,
 and ``metrics.jsonl``.
+
+Fault injection (tests only): ``SELFTRAIN_FAULT_NAN_STEPS`` lists steps whose loss is replaced
+by NaN (``3,4`` or ``20-40``); it is read once per :func:`fit` call, so a normal run pays one
+empty-set lookup per step. The fault suite (``tests/test_faults.py``) uses it to check that
+skipped steps are counted and that repeated NaNs stop the run with the last good checkpoint kept.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +33,9 @@ from selftrain.config import EngineConfig, OptimConfig
 from selftrain.distributed import local_device
 
 log = logging.getLogger("selftrain.engine")
+
+#: Test-only: the steps whose loss :func:`fit` replaces by NaN (see the module docstring).
+FAULT_NAN_ENV = "SELFTRAIN_FAULT_NAN_STEPS"
 
 
 class TrainingDiverged(RuntimeError):
@@ -148,6 +157,23 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def fault_nan_steps() -> frozenset[int]:
+    """The steps named by ``SELFTRAIN_FAULT_NAN_STEPS`` (``3,4``, ``20-40``, or both mixed).
+
+    Raises:
+        ValueError: Naming the variable, when an entry is not a step or an ``a-b`` range.
+    """
+    steps: set[int] = set()
+    for part in filter(None, (p.strip() for p in os.environ.get(FAULT_NAN_ENV, "").split(","))):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"{FAULT_NAN_ENV}={os.environ[FAULT_NAN_ENV]!r}: expected steps like 3,4 or 20-40")
+        steps.update(range(int(first), int(last or first) + 1))
+    if steps:
+        log.warning("%s: the loss of %d step(s) will be replaced by NaN (fault injection)", FAULT_NAN_ENV, len(steps))
+    return frozenset(steps)
+
+
 def fit(
     model: nn.Module,
     step_fn: Callable[[int], dict[str, torch.Tensor]],
@@ -185,6 +211,7 @@ def fit(
         _set_rng_state(state["rng"])
         seconds, bad_total = float(state["seconds"]), int(state["bad_steps"])
         log.info("%s: resuming at step %d of %d from %s", desc, start, steps, ckpts.root)
+    nan_steps = fault_nan_steps()
     metrics_path = out_dir / "metrics.jsonl"
     _truncate_metrics(metrics_path, start)
 
@@ -203,6 +230,8 @@ def fit(
         for step in bar:
             t0 = time.perf_counter()
             losses = step_fn(step)
+            if step in nan_steps:
+                losses["loss"] = losses["loss"].detach() * float("nan")
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 bad_run, bad_total = bad_run + 1, bad_total + 1
@@ -214,7 +243,7 @@ def fit(
                         f"the last good checkpoint is kept in {ckpts.root}"
                     )
                 sched.step()
-                continue
+                continue  # no checkpoint in a NaN streak: the one before it must survive ``keep``
             bad_run = 0
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,192 @@
+"""The fault suite (DESIGN.md §7): SIGKILL at seeded points of label, teach, student and study;
+a truncated newest checkpoint; injected NaN losses.
+
+Kills are made by ``tests/_fault_driver.py``: the real command line in a subprocess that SIGKILLs
+itself at the N-th event of a kind (before or after an atomic rename, a training step, a labeled
+shard, a hard link). The kill points are drawn from a seeded generator over the events of an
+uninterrupted reference run and printed, so a failure reruns exactly; every run is bounded by
+``RUN_TIMEOUT``. After the kills, one more run finishes the job, and what it left is compared
+with the reference run's: the store records, the weights and metrics, or results.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from selftrain.checkpoint import CheckpointDir
+from selftrain.config import EngineConfig, OptimConfig, apply_override, build_config
+from selftrain.engine import FAULT_NAN_ENV, TrainingDiverged, fault_nan_steps, fit
+from selftrain.pipeline import run_pipeline
+from selftrain.store import PseudoLabelStore
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = Path(__file__).with_name("_fault_driver.py")
+RUN_TIMEOUT = 300  # seconds any one run may take before the test fails (never hangs)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+    for key in ("SELFTRAIN_TEST_KILL", "SELFTRAIN_TEST_EVENTS", FAULT_NAN_ENV):
+        if key not in extra:
+            env.pop(key, None)
+    return env
+
+
+def _drive(args: list[str], log: Path, **env: str) -> int:
+    """Runs the command line through the fault driver; returns its exit status (-9: killed)."""
+    with open(log, "ab") as fh:
+        fh.write(f"\n$ {' '.join(args[:3])} ... {env}\n".encode())
+        fh.flush()
+        proc = subprocess.run([sys.executable, str(DRIVER), *args], stdout=fh, stderr=subprocess.STDOUT,
+                              env=_env(**env), timeout=RUN_TIMEOUT)  # fmt: skip
+    return proc.returncode
+
+
+def _reference(args: list[str], log: Path) -> dict[str, int]:
+    """An uninterrupted run through the driver; returns its event counts."""
+    events = log.with_suffix(".events.json")
+    assert _drive(args, log, SELFTRAIN_TEST_EVENTS=str(events)) == 0, log.read_text()[-3000:]
+    return json.loads(events.read_text())
+
+
+def _kill_points(rng: random.Random, events: dict[str, int], kinds: list[str], kills: int) -> list[tuple[str, int]]:
+    """``kills`` points (event kind, count), each within the first 1/kills of the reference's events of
+    its kind, so the resumed runs move on by about half that each time and every kill lands before the end.
+
+    A kind is a driver event, or ``EVENT:NAME`` for the events on files whose name contains NAME."""
+    points = []
+    for _ in range(kills):
+        kind = rng.choice([k for k in kinds if events.get(k, 0) >= kills] or kinds)
+        points.append((kind, rng.randint(1, max(1, events.get(kind, 1) // kills))))
+    return points
+
+
+def _kill_runs(args: list[str], log: Path, points: list[tuple[str, int]], after_kill=None) -> int:
+    """One run per kill point; each must die by SIGKILL. Returns the kills survived."""
+    for i, (kind, n) in enumerate(points):
+        event, _, name = kind.partition(":")
+        rc = _drive(args, log, SELFTRAIN_TEST_KILL=f"{event}:{n}:{name}")
+        assert rc == -signal.SIGKILL, f"kill {i} ({kind}:{n}) did not land (exit {rc}): {log.read_text()[-3000:]}"
+        if after_kill is not None:
+            after_kill(i, kind, n)
+    return len(points)
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+# --------------------------------------------------------------------------- label
+
+
+def _label_kills(small_idx, tmp_path: Path, kills: int, seed: int, shard_size: int) -> None:
+    overrides = tiny_overrides(small_idx) + [f"label.shard_size={shard_size}", "label.batch_size=32", "engine.threads=1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_pipeline(build_config({}, overrides), a, stages=["teach"])
+    shutil.copytree(a, b)  # the same teacher, so the labels can be compared record by record
+    cfg = build_config({}, overrides)
+    run_pipeline(cfg, a, stages=["label"])  # the reference, in this process: no interpreter start-up
+    n_shards = PseudoLabelStore(a / "label" / "round-1").header["n_shards"]
+    # Events of a label run, per shard: the teacher's labels, then the renames of its skip list (.json)
+    # and its store shard (.parquet); at the end those of the selection (.parquet) and manifest (.json).
+    events = {"shard": n_shards, "replace:.parquet": n_shards + 1, "replaced:.parquet": n_shards + 1, "replace:.json": n_shards + 1}
+    rng = random.Random(seed)
+    points = _kill_points(rng, events, list(events), kills)
+    print(f"label: seed {seed}, {n_shards} shards, kill points {points}")
+    log = tmp_path / "label.log"
+    store_dir = b / "label" / "round-1"
+    partial = []
+
+    def check(i: int, kind: str, n: int) -> None:
+        if (store_dir / "header.json").exists():
+            store = PseudoLabelStore(store_dir)  # no create(): what the kill left; raises on a torn shard
+            partial.append(len(store.done_shards()))
+
+    survived = _kill_runs(["label", "--out", str(b), *_sets(overrides)], log, points, check)
+    run_pipeline(cfg, b, stages=["label"])  # the run after the last kill finishes the store
+    print(f"label: {survived} kills survived; shards on disk after each kill: {partial}")
+    want, got = PseudoLabelStore(a / "label" / "round-1"), PseudoLabelStore(store_dir)
+    assert sum(0 < d < n_shards for d in partial) >= kills // 2, "too few kills landed mid-run"
+    keys = got.read().column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == want.count()  # none lost, none duplicated
+    assert got.read().equals(want.read())
+    assert got.selection().equals(want.selection())
+    drop = ("created",)
+    assert {k: v for k, v in got.manifest.items() if k not in drop} == {k: v for k, v in want.manifest.items() if k not in drop}
+    assert not list(store_dir.rglob("*.tmp*"))
+
+
+def test_label_sigkilled_three_times_ends_with_the_records_of_an_uninterrupted_run(small_idx, tmp_path):
+    _label_kills(small_idx, tmp_path, kills=3, seed=0, shard_size=128)
+
+
+@pytest.mark.slow
+def test_label_sigkilled_twenty_times_ends_with_the_records_of_an_uninterrupted_run(small_idx, tmp_path):
+    _label_kills(small_idx, tmp_path, kills=20, seed=1, shard_size=32)
+
+
+# --------------------------------------------------------------------------- teach and student
+
+
+def _metrics(path: Path) -> list[dict]:
+    """metrics.jsonl less the wall-clock seconds."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a), load_file(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"{b} differs from {a}"
+
+
+def _training_kills(small_idx, tmp_path: Path, kills: dict[str, int], seed: int, steps: int) -> None:
+    """Kills each training stage of ``kills`` that many times; weights and metrics must equal the reference's."""
+    every = 10
+    overrides = tiny_overrides(small_idx) + [
+        f"teach.steps={steps}", f"student.steps={steps}", f"engine.checkpoint_every={every}", "engine.threads=1",
+        "student.human_batch_size=8", "student.pseudo_batch_size=24",
+    ]  # fmt: skip
+    cfg = build_config({}, overrides)
+    a, b, log = tmp_path / "a", tmp_path / "b", tmp_path / "train.log"
+    stages = ["teach", "label", "student"] if kills.get("student") else ["teach"]
+    run_pipeline(cfg, a, stages=stages)  # the reference, in this process
+    # Events of a training run: its steps and one checkpoint folder rename every ``every`` steps.
+    events = {"step": steps, "replace:step-": steps // every, "replaced:step-": steps // every}
+    rng = random.Random(seed)
+    survived = 0
+    for stage in stages:
+        n = kills.get(stage, 0)
+        if n:
+            # Half the kills in a step, half just before or after a checkpoint folder's rename.
+            points = _kill_points(rng, events, ["step", "step", "replace:step-", "replaced:step-"], n)
+            print(f"{stage}: seed {seed}, kill points {points}")
+            survived += _kill_runs([stage, "--out", str(b), *_sets(overrides)], log, points)
+        run_pipeline(cfg, b, stages=[stage])  # resumes after the last kill
+    print(f"training: {survived} kills survived")
+    for folder in ["teach", "student/round-1"] if "student" in stages else ["teach"]:
+        _same_weights(a / folder / "model.safetensors", b / folder / "model.safetensors")
+        assert _metrics(b / folder / "metrics.jsonl") == _metrics(a / folder / "metrics.jsonl")
+        assert json.loads((b / folder / "done.json").read_text())["bad_steps"] == 0
+
+
+def test_teach_sigkilled_twice_ends_with_the_weights_of_an_uninterrupted_run(small_idx, tmp_path):
+    _training_kills(small_idx, tmp_path, {"teach": 2}, seed=0, steps=60)
+
+
+@pytest.mark.slow
+def test_teach_and_student_sigkilled_six_times_end_with_the_weights_of_an_uninterrupted_run(small_idx, tmp_path):
+    _training_kills(small_idx, tmp_path, {"teach": 3, "student": 3}, seed=1, steps=120)
