@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import random
 import shutil
@@ -190,3 +191,37 @@ def test_teach_sigkilled_twice_ends_with_the_weights_of_an_uninterrupted_run(sma
 @pytest.mark.slow
 def test_teach_and_student_sigkilled_six_times_end_with_the_weights_of_an_uninterrupted_run(small_idx, tmp_path):
     _training_kills(small_idx, tmp_path, {"teach": 3, "student": 3}, seed=1, steps=120)
+
+
+# --------------------------------------------------------------------------- NaN losses
+
+
+def test_injected_nan_losses_are_counted_and_repeated_ones_stop_teach_with_the_last_good_checkpoint(
+    small_idx, tmp_path, monkeypatch, caplog
+):
+    overrides = tiny_overrides(small_idx) + ["teach.steps=40", "engine.checkpoint_every=10", "engine.max_bad_steps=4", "engine.threads=1"]
+    cfg = build_config({}, overrides)
+    monkeypatch.setenv(FAULT_NAN_ENV, "3,4,17")  # isolated NaNs: skipped, counted, the run goes on
+    run_pipeline(cfg, tmp_path / "isolated", stages=["teach"])
+    assert json.loads((tmp_path / "isolated" / "teach" / "done.json").read_text())["bad_steps"] == 3
+    assert [s for s in (3, 4, 17) if f"non-finite loss at step {s}," in caplog.text] == [3, 4, 17]
+    assert all(torch.isfinite(w).all() for w in load_file(tmp_path / "isolated" / "teach" / "model.safetensors").values())
+
+    monkeypatch.setenv(FAULT_NAN_ENV, "23-40")  # from step 23 on: 4 in a row stop the run at step 26
+    with pytest.raises(TrainingDiverged, match="4 consecutive non-finite losses at step 26"):
+        run_pipeline(cfg, tmp_path / "diverged", stages=["teach"])
+    ckpts = CheckpointDir(tmp_path / "diverged" / "teach" / "checkpoints")
+    assert ckpts.steps() == [10, 20] and not (tmp_path / "diverged" / "teach" / "done.json").exists()
+    step, weights, _ = ckpts.load_latest()
+    assert step == 20 and all(torch.isfinite(w).all() for w in weights.values())
+
+    # The kept checkpoint is the uninterrupted run's: without the fault the run resumes there and
+    # ends with the weights of a run that never saw a NaN.
+    monkeypatch.delenv(FAULT_NAN_ENV)
+    run_pipeline(cfg, tmp_path / "clean", stages=["teach"])
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="selftrain.engine")
+    run_pipeline(cfg, tmp_path / "diverged", stages=["teach"])
+    assert "resuming at step 20 of 40" in caplog.text
+    _same_weights(tmp_path / "clean" / "teach" / "model.safetensors", tmp_path / "diverged" / "teach" / "model.safetensors")
+    assert json.loads((tmp_path / "diverged" / "teach" / "done.json").read_text())["bad_steps"] == 0

@@ -165,8 +165,8 @@ def fault_nan_steps() -> frozenset[int]:
     """
     steps: set[int] = set()
     for part in filter(None, (p.strip() for p in os.environ.get(FAULT_NAN_ENV, "").split(","))):
-        first, _, last = part.partition("-")
-        if not first.isdigit() or (last and not last.isdigit()):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not (last.isdigit() and int(last) >= int(first))):
             raise ValueError(f"{FAULT_NAN_ENV}={os.environ[FAULT_NAN_ENV]!r}: expected steps like 3,4 or 20-40")
         steps.update(range(int(first), int(last or first) + 1))
     if steps:
