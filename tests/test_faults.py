@@ -225,3 +225,55 @@ def test_injected_nan_losses_are_counted_and_repeated_ones_stop_teach_with_the_l
     assert "resuming at step 20 of 40" in caplog.text
     _same_weights(tmp_path / "clean" / "teach" / "model.safetensors", tmp_path / "diverged" / "teach" / "model.safetensors")
     assert json.loads((tmp_path / "diverged" / "teach" / "done.json").read_text())["bad_steps"] == 0
+
+
+# --------------------------------------------------------------------------- study
+
+
+def _finished_stage(root: Path) -> dict[str, list[str]]:
+    """A finished teach folder and label store as a study cell leaves them (contents are stand-ins)."""
+    files = {"teach": ["done.json", "metrics.jsonl", "model.json", "model.safetensors", "checkpoints/step-0000010/state.pt"],
+             "label/round-1": ["header.json", "manifest.json", "selection.parquet", "shard-00000.parquet",
+                               "shard-00001.parquet", "skips/shard-00000.json"]}  # fmt: skip
+    for stage, names in files.items():
+        for name in names:
+            (root / stage / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / stage / name).write_text(f"{stage}/{name}")
+    return files
+
+
+@pytest.mark.parametrize("link", ["hard link", "copy"])
+def test_a_study_killed_while_reusing_a_stage_never_leaves_its_marker_before_its_files(tmp_path, monkeypatch, link):
+    """``_link_tree`` stopped after any file: done.json / manifest.json only once every other file is there."""
+    from selftrain import study as study_mod
+
+    files = _finished_stage(tmp_path / "src")
+    real_link, real_replace = os.link, os.replace
+    for stage, names in files.items():
+        wanted = [n for n in names if "checkpoints" not in n]
+        marker = "done.json" if stage == "teach" else "manifest.json"
+        for k in range(len(wanted) + 1):
+            dst = tmp_path / f"dst-{k}" / stage
+            calls = []
+
+            def place(real, src, target, *args):  # type: ignore[no-untyped-def]
+                if len(calls) == k:
+                    raise KeyboardInterrupt  # the process dies here
+                calls.append(target)
+                if link == "copy" and real is real_link:
+                    raise OSError("cross-device link")
+                return real(src, target, *args)
+
+            monkeypatch.setattr(os, "link", lambda s, t, *a: place(real_link, s, t, *a))
+            if link == "copy":
+                monkeypatch.setattr(os, "replace", lambda s, t, *a: place(real_replace, s, t, *a))
+            try:
+                study_mod._link_tree(tmp_path / "src" / stage, dst)
+            except KeyboardInterrupt:
+                pass
+            monkeypatch.undo()
+            present = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file()) if dst.exists() else []
+            assert marker not in present or sorted(wanted) == [p for p in present if ".tmp-" not in p], (k, present)
+            for p in present:
+                assert ".tmp-" in p or (dst / p).read_text() == f"{stage}/{p}"  # whole files only
+        assert not (tmp_path / f"dst-{len(wanted)}" / stage / "checkpoints").exists()
