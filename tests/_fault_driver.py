@@ -16,7 +16,8 @@ clock. Environment (tests only; the library never kills itself):
   - ``replaced``: just after an ``os.replace``, before the folder fsync and what follows;
   - ``link``: just before an ``os.link`` (a study cell linking a finished stage of another);
   - ``step``: at the start of a training step, before its batch is drawn;
-  - ``shard``: after the teacher labeled an input shard, before anything of it is written.
+  - ``shard``: after the teacher labeled an input shard, before anything of it is written;
+  - ``any``: any of the above, so that kill points can be spread over a whole run's events.
 
 * ``SELFTRAIN_TEST_EVENTS=PATH``: on a normal exit, write this process's event counts (JSON),
   so that a test can spread its kill points over an uninterrupted run's events.
@@ -41,10 +42,10 @@ _hits = 0
 def _event(kind: str, path: object = "") -> None:
     global _hits
     _counts[kind] += 1
-    if kind == _kind and _name in os.path.basename(os.fspath(path)):
+    if _kind in (kind, "any") and _name in os.path.basename(os.fspath(path)):
         _hits += 1
         if _hits == _kill_at:
-            print(f"fault driver: SIGKILL at {kind} {_kill_at} {_name} ({path})", file=sys.stderr, flush=True)
+            print(f"fault driver: SIGKILL at {_kind} {_kill_at} {_name}: {kind} {path}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -277,3 +277,56 @@ def test_a_study_killed_while_reusing_a_stage_never_leaves_its_marker_before_its
             for p in present:
                 assert ".tmp-" in p or (dst / p).read_text() == f"{stage}/{p}"  # whole files only
         assert not (tmp_path / f"dst-{len(wanted)}" / stage / "checkpoints").exists()
+
+
+def _study_rows(path: Path) -> list[dict]:
+    """results.csv less the training seconds (a clock, not a result)."""
+    with open(path, newline="") as fh:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(fh)]
+
+
+@pytest.mark.slow
+def test_study_sigkilled_twelve_times_ends_with_the_results_of_an_uninterrupted_study(small_idx, tmp_path):
+    import yaml
+
+    from selftrain.study import cell_folder, load_study, plan_cells
+
+    base: dict = {}
+    for override in [*tiny_overrides(small_idx), "teach.steps=6", "student.steps=6", "data.pool_limit=300", "engine.threads=1"]:
+        apply_override(base, override)
+    spec = {"name": "faults", "base": base, "grid": {"init": ["random"], "augment": ["S1"], "label_fraction": [0.1],
+                                                     "method": ["finetune", "self-training"], "seed": [0, 1]}}  # fmt: skip
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cells = plan_cells(load_study(path)[0])
+    log = tmp_path / "study.log"
+    events = _reference(["study", str(path), "--out", str(tmp_path / "reference")], log)
+    total = sum(events.values())
+    kills, seed = 12, 2
+    # Kill points spread over the whole study: the k-th kill at the (g_k - g_{k-1})-th event of its run,
+    # g sorted below the reference's event count; a resumed run redoes some events, so each kill lands.
+    rng = random.Random(seed)
+    marks = sorted(rng.sample(range(1, total), kills))
+    points = [("any", n) for n in (m - p for m, p in zip(marks, [0, *marks]))]
+    print(f"study: seed {seed}, reference events {events}, kill points {points}")
+    out = tmp_path / "killed"
+    seen: dict[str, tuple[int, int]] = {}
+    finished_after: list[int] = []
+
+    def check(i: int, kind: str, n: int) -> None:
+        for cell in cells:  # a finished cell's marker is never written again
+            marker = cell_folder(out, cell) / "cell.json"
+            if cell.id in seen:
+                assert (marker.stat().st_mtime_ns, marker.stat().st_ino) == seen[cell.id], cell.id
+            elif marker.exists():
+                seen[cell.id] = (marker.stat().st_mtime_ns, marker.stat().st_ino)
+        finished_after.append(len(seen))
+
+    survived = _kill_runs(["study", str(path), "--out", str(out)], log, points, check)
+    landed = [line.rsplit(": ", 1)[1].split(" ", 1) + [""] for line in log.read_text().splitlines() if line.startswith("fault driver: SIGKILL")]
+    print(f"study: {survived} kills survived, at {[(kind, Path(file).name) for kind, file, *_ in landed]}; "
+          f"cells finished after each: {finished_after}")
+    assert _drive(["study", str(path), "--out", str(out)], log) == 0, log.read_text()[-3000:]
+    check(kills, "", 0)
+    assert len(seen) == len(cells)
+    assert _study_rows(out / "results.csv") == _study_rows(tmp_path / "reference" / "results.csv")
