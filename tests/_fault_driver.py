@@ -6,9 +6,7 @@ The process counts events as it runs and SIGKILLs itself at one of them, so a ki
 position in the run's progress, reproducible from a seed, not a moment on a loaded machine's
 clock. Environment (tests only; the library never kills itself):
 
-* ``SELFTRAIN_TEST_KILL=EVENT:N[:NAME]``: SIGKILL at the N-th ``EVENT`` of this process (with
-  ``NAME``: the N-th whose file name contains ``NAME``, e.g. ``replace:3:step-`` for the third
-  checkpoint folder renamed), ``EVENT`` one of
+* ``SELFTRAIN_TEST_KILL=EVENT:N``: SIGKILL at the N-th ``EVENT`` of this process, one of
 
   - ``replace``: just before an ``os.replace`` -- a temporary file (store shard, skip list,
     selection, manifest, results.csv, cell.json...) or checkpoint folder is complete and
@@ -34,7 +32,7 @@ import sys
 from collections import Counter
 
 _counts: Counter[str] = Counter()
-_kind, _at, _name = (os.environ.get("SELFTRAIN_TEST_KILL", "") + "::").split(":")[:3]
+_kind, _, _at = os.environ.get("SELFTRAIN_TEST_KILL", "").partition(":")
 _kill_at = int(_at) if _at else 0
 _hits = 0
 
@@ -42,10 +40,10 @@ _hits = 0
 def _event(kind: str, path: object = "") -> None:
     global _hits
     _counts[kind] += 1
-    if _kind in (kind, "any") and _name in os.path.basename(os.fspath(path)):
+    if _kind in (kind, "any"):
         _hits += 1
         if _hits == _kill_at:
-            print(f"fault driver: SIGKILL at {_kind} {_kill_at} {_name}: {kind} {path}", file=sys.stderr, flush=True)
+            print(f"fault driver: SIGKILL at {_kind} {_kill_at}: {kind} {path}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
 

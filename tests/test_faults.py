@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import check_cell_markers, tiny_overrides
 from selftrain.checkpoint import CheckpointDir
 from selftrain.config import EngineConfig, OptimConfig, apply_override, build_config
 from selftrain.engine import FAULT_NAN_ENV, TrainingDiverged, fault_nan_steps, fit
@@ -65,27 +65,29 @@ def _reference(args: list[str], log: Path) -> dict[str, int]:
     return json.loads(events.read_text())
 
 
-def _kill_points(rng: random.Random, events: dict[str, int], kinds: list[str], kills: int) -> list[tuple[str, int]]:
-    """``kills`` points (event kind, count), each within the first 1/kills of the reference's events of
-    its kind, so the resumed runs move on by about half that each time and every kill lands before the end.
+def _kill_points(rng: random.Random, total: int, kills: int) -> list[tuple[str, int]]:
+    """``kills`` kill points spread over a run of at least ``total`` driver events (any kind).
 
-    A kind is a driver event, or ``EVENT:NAME`` for the events on files whose name contains NAME."""
-    points = []
-    for _ in range(kills):
-        kind = rng.choice([k for k in kinds if events.get(k, 0) >= kills] or kinds)
-        points.append((kind, rng.randint(1, max(1, events.get(kind, 1) // kills))))
-    return points
+    Marks ``g_1 < ... < g_kills`` are drawn below ``total``; kill ``k`` is at event ``g_k - g_{k-1}``
+    of its run. A resumed run redoes some events (start-up, steps after the last checkpoint), so
+    the kills move through the whole run and each one lands before its end.
+    """
+    marks = sorted(rng.sample(range(1, total), kills))  # distinct, so every N >= 1
+    return [("any", m - p) for m, p in zip(marks, [0, *marks])]
 
 
-def _kill_runs(args: list[str], log: Path, points: list[tuple[str, int]], after_kill=None) -> int:
-    """One run per kill point; each must die by SIGKILL. Returns the kills survived."""
+def _kill_runs(args: list[str], log: Path, points: list[tuple[str, int]], after_kill=None) -> list[str]:
+    """One run per kill point; each must die by SIGKILL. Returns where each kill landed ("replace shard-00003.parquet")."""
+    landed = []
     for i, (kind, n) in enumerate(points):
-        event, _, name = kind.partition(":")
-        rc = _drive(args, log, SELFTRAIN_TEST_KILL=f"{event}:{n}:{name}")
+        rc = _drive(args, log, SELFTRAIN_TEST_KILL=f"{kind}:{n}")
         assert rc == -signal.SIGKILL, f"kill {i} ({kind}:{n}) did not land (exit {rc}): {log.read_text()[-3000:]}"
+        last = [line for line in log.read_text().splitlines() if line.startswith("fault driver: SIGKILL")][-1]
+        event, _, path = last.rsplit(": ", 1)[1].partition(" ")
+        landed.append(f"{event} {Path(path).name}".strip())
         if after_kill is not None:
             after_kill(i, kind, n)
-    return len(points)
+    return landed
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -103,11 +105,9 @@ def _label_kills(small_idx, tmp_path: Path, kills: int, seed: int, shard_size: i
     cfg = build_config({}, overrides)
     run_pipeline(cfg, a, stages=["label"])  # the reference, in this process: no interpreter start-up
     n_shards = PseudoLabelStore(a / "label" / "round-1").header["n_shards"]
-    # Events of a label run, per shard: the teacher's labels, then the renames of its skip list (.json)
-    # and its store shard (.parquet); at the end those of the selection (.parquet) and manifest (.json).
-    events = {"shard": n_shards, "replace:.parquet": n_shards + 1, "replaced:.parquet": n_shards + 1, "replace:.json": n_shards + 1}
-    rng = random.Random(seed)
-    points = _kill_points(rng, events, list(events), kills)
+    # Events of a label run, per shard: the teacher's labels, then two renames (before and after),
+    # of its skip list and its store shard; more at start-up and at the end (selection, manifest).
+    points = _kill_points(random.Random(seed), 5 * n_shards, kills)
     print(f"label: seed {seed}, {n_shards} shards, kill points {points}")
     log = tmp_path / "label.log"
     store_dir = b / "label" / "round-1"
@@ -118,9 +118,9 @@ def _label_kills(small_idx, tmp_path: Path, kills: int, seed: int, shard_size: i
             store = PseudoLabelStore(store_dir)  # no create(): what the kill left; raises on a torn shard
             partial.append(len(store.done_shards()))
 
-    survived = _kill_runs(["label", "--out", str(b), *_sets(overrides)], log, points, check)
+    landed = _kill_runs(["label", "--out", str(b), *_sets(overrides)], log, points, check)
     run_pipeline(cfg, b, stages=["label"])  # the run after the last kill finishes the store
-    print(f"label: {survived} kills survived; shards on disk after each kill: {partial}")
+    print(f"label: {len(landed)} kills survived, at {landed}; shards on disk after each: {partial}")
     want, got = PseudoLabelStore(a / "label" / "round-1"), PseudoLabelStore(store_dir)
     assert sum(0 < d < n_shards for d in partial) >= kills // 2, "too few kills landed mid-run"
     keys = got.read().column("key").to_pylist()
@@ -165,19 +165,18 @@ def _training_kills(small_idx, tmp_path: Path, kills: dict[str, int], seed: int,
     a, b, log = tmp_path / "a", tmp_path / "b", tmp_path / "train.log"
     stages = ["teach", "label", "student"] if kills.get("student") else ["teach"]
     run_pipeline(cfg, a, stages=stages)  # the reference, in this process
-    # Events of a training run: its steps and one checkpoint folder rename every ``every`` steps.
-    events = {"step": steps, "replace:step-": steps // every, "replaced:step-": steps // every}
+    # Events of a training run: its steps, and before and after each checkpoint's renames (weights
+    # file, folder), the start-up files and the exported model.
     rng = random.Random(seed)
-    survived = 0
+    landed: list[str] = []
     for stage in stages:
         n = kills.get(stage, 0)
         if n:
-            # Half the kills in a step, half just before or after a checkpoint folder's rename.
-            points = _kill_points(rng, events, ["step", "step", "replace:step-", "replaced:step-"], n)
+            points = _kill_points(rng, steps, n)
             print(f"{stage}: seed {seed}, kill points {points}")
-            survived += _kill_runs([stage, "--out", str(b), *_sets(overrides)], log, points)
+            landed += [f"{stage}: {at}" for at in _kill_runs([stage, "--out", str(b), *_sets(overrides)], log, points)]
         run_pipeline(cfg, b, stages=[stage])  # resumes after the last kill
-    print(f"training: {survived} kills survived")
+    print(f"training: {len(landed)} kills survived, at {landed}")
     for folder in ["teach", "student/round-1"] if "student" in stages else ["teach"]:
         _same_weights(a / folder / "model.safetensors", b / folder / "model.safetensors")
         assert _metrics(b / folder / "metrics.jsonl") == _metrics(a / folder / "metrics.jsonl")
@@ -301,31 +300,19 @@ def test_study_sigkilled_twelve_times_ends_with_the_results_of_an_uninterrupted_
     cells = plan_cells(load_study(path)[0])
     log = tmp_path / "study.log"
     events = _reference(["study", str(path), "--out", str(tmp_path / "reference")], log)
-    total = sum(events.values())
     kills, seed = 12, 2
-    # Kill points spread over the whole study: the k-th kill at the (g_k - g_{k-1})-th event of its run,
-    # g sorted below the reference's event count; a resumed run redoes some events, so each kill lands.
-    rng = random.Random(seed)
-    marks = sorted(rng.sample(range(1, total), kills))
-    points = [("any", n) for n in (m - p for m, p in zip(marks, [0, *marks]))]
+    points = _kill_points(random.Random(seed), sum(events.values()), kills)
     print(f"study: seed {seed}, reference events {events}, kill points {points}")
     out = tmp_path / "killed"
     seen: dict[str, tuple[int, int]] = {}
     finished_after: list[int] = []
 
     def check(i: int, kind: str, n: int) -> None:
-        for cell in cells:  # a finished cell's marker is never written again
-            marker = cell_folder(out, cell) / "cell.json"
-            if cell.id in seen:
-                assert (marker.stat().st_mtime_ns, marker.stat().st_ino) == seen[cell.id], cell.id
-            elif marker.exists():
-                seen[cell.id] = (marker.stat().st_mtime_ns, marker.stat().st_ino)
+        check_cell_markers({c.id: cell_folder(out, c) for c in cells}, seen)
         finished_after.append(len(seen))
 
-    survived = _kill_runs(["study", str(path), "--out", str(out)], log, points, check)
-    landed = [line.rsplit(": ", 1)[1].split(" ", 1) + [""] for line in log.read_text().splitlines() if line.startswith("fault driver: SIGKILL")]
-    print(f"study: {survived} kills survived, at {[(kind, Path(file).name) for kind, file, *_ in landed]}; "
-          f"cells finished after each: {finished_after}")
+    landed = _kill_runs(["study", str(path), "--out", str(out)], log, points, check)
+    print(f"study: {len(landed)} kills survived, at {landed}; cells finished after each: {finished_after}")
     assert _drive(["study", str(path), "--out", str(out)], log) == 0, log.read_text()[-3000:]
     check(kills, "", 0)
     assert len(seen) == len(cells)
