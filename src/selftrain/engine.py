@@ -17,6 +17,11 @@ metrics; each rank's RNG stream is its own (seeded ``seed + rank * 1_000_003``) 
 in the checkpoint. Batch norm is per rank (each normalizes with its own share of the batch;
 DDP copies rank 0's running statistics to the others at every step) unless
 ``engine.sync_batchnorm`` converts it to ``SyncBatchNorm`` (GPUs only).
+
+Fault injection (tests only): ``SELFTRAIN_FAULT_NAN_STEPS`` lists steps whose loss is replaced
+by NaN (``3,4`` or ``20-40``); it is read once per :func:`fit` call, so a normal run pays one
+empty-set lookup per step. The fault suite (``tests/test_faults.py``) uses it to check that
+skipped steps are counted and that repeated NaNs stop the run with the last good checkpoint kept.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +45,9 @@ from selftrain.config import EngineConfig, OptimConfig
 from selftrain.distributed import Ranks, collective_error, current_ranks, local_device, mean_over_ranks
 
 log = logging.getLogger("selftrain.engine")
+
+#: Test-only: the steps whose loss :func:`fit` replaces by NaN (see the module docstring).
+FAULT_NAN_ENV = "SELFTRAIN_FAULT_NAN_STEPS"
 
 
 class TrainingDiverged(RuntimeError):
@@ -261,6 +270,23 @@ def _all_finite(loss: torch.Tensor, ranks: Ranks) -> bool:
     return bool(mean_over_ranks(finite) == 1) if ranks.world_size > 1 else bool(finite)
 
 
+def fault_nan_steps() -> frozenset[int]:
+    """The steps named by ``SELFTRAIN_FAULT_NAN_STEPS`` (``3,4``, ``20-40``, or both mixed).
+
+    Raises:
+        ValueError: Naming the variable, when an entry is not a step or an ``a-b`` range.
+    """
+    steps: set[int] = set()
+    for part in filter(None, (p.strip() for p in os.environ.get(FAULT_NAN_ENV, "").split(","))):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not (last.isdigit() and int(last) >= int(first))):
+            raise ValueError(f"{FAULT_NAN_ENV}={os.environ[FAULT_NAN_ENV]!r}: expected steps like 3,4 or 20-40")
+        steps.update(range(int(first), int(last or first) + 1))
+    if steps:
+        log.warning("%s: the loss of %d step(s) will be replaced by NaN (fault injection)", FAULT_NAN_ENV, len(steps))
+    return frozenset(steps)
+
+
 def fit(
     model: nn.Module,
     step_fn: Callable[[int], dict[str, torch.Tensor]],
@@ -314,6 +340,7 @@ def _fit(model, step_fn, steps, optim, engine, out_dir, seed, desc, stateful, pa
         seconds, bad_total = float(state["seconds"]), int(state["bad_steps"])
         log.info("%s: resuming at step %d of %d from %s", desc, start, steps, ckpts.root)
     forward = _distribute(model, step_fn, ranks, find_unused, desc)
+    nan_steps = fault_nan_steps()
     metrics_path = out_dir / "metrics.jsonl"
     if lead:
         _truncate_metrics(metrics_path, start)
@@ -335,6 +362,8 @@ def _fit(model, step_fn, steps, optim, engine, out_dir, seed, desc, stateful, pa
         for step in bar:
             t0 = time.perf_counter()
             losses = forward(step)
+            if step in nan_steps:
+                losses["loss"] = losses["loss"].detach() * float("nan")
             loss = losses["loss"]
             if not _all_finite(loss, ranks):
                 bad_run, bad_total = bad_run + 1, bad_total + 1
@@ -346,7 +375,7 @@ def _fit(model, step_fn, steps, optim, engine, out_dir, seed, desc, stateful, pa
                         f"the last good checkpoint is kept in {ckpts.root}"
                     )
                 sched.step()
-                continue
+                continue  # no checkpoint in a NaN streak: the one before it must survive ``keep``
             bad_run = 0
             opt.zero_grad(set_to_none=True)
             loss.backward()
