@@ -58,6 +58,9 @@ test: setup browser data
 test-slow: setup browser data
 	$(BIN)/python -m pytest -q --runslow
 
+# label/student images/s vs plain PyTorch loops, label peak RSS for a 1x and 10x pool (fresh
+# processes), teach on 1 vs 2 processes (torchrun), training FLOP/s vs the matmul peak -> bench.json
+# (a few minutes on a 2-core CPU).
 bench: setup data
 	$(BIN)/python benchmarks/bench.py --out bench.json
 

@@ -75,3 +75,14 @@ def tiny_overrides(idx: dict[str, str]) -> list[str]:
         "student.steps=30", "student.human_batch_size=16", "student.pseudo_batch_size=48",
         "label.shard_size=256", "label.batch_size=128", "engine.checkpoint_every=10", "engine.progress=false",
     ]  # fmt: skip
+
+
+def check_cell_markers(folders: dict[str, Path], seen: dict[str, tuple[int, int]]) -> None:
+    """Records each finished study cell's ``cell.json`` (mtime, inode) in ``seen``, by cell id; a
+    marker recorded before must be unchanged: a study never reruns a finished cell."""
+    for cell_id, folder in folders.items():
+        marker = folder / "cell.json"
+        if cell_id in seen:
+            assert (marker.stat().st_mtime_ns, marker.stat().st_ino) == seen[cell_id], cell_id
+        elif marker.exists():
+            seen[cell_id] = (marker.stat().st_mtime_ns, marker.stat().st_ino)

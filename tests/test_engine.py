@@ -6,7 +6,7 @@ from torch import nn
 
 from selftrain.checkpoint import CheckpointDir
 from selftrain.config import EngineConfig, OptimConfig
-from selftrain.engine import BatchIndices, TrainingDiverged, build_runtime, fit
+from selftrain.engine import FAULT_NAN_ENV, BatchIndices, TrainingDiverged, build_runtime, fault_nan_steps, fit
 from selftrain.losses import LossNormalization
 
 
@@ -49,24 +49,41 @@ class Killed(Exception):
     pass
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    model, norm, step_fn = _problem()
-    fit(model, step_fn, steps=30, optim=OPTIM, engine=ENGINE, out_dir=tmp_path / "a", seed=1, desc="a", stateful={"n": norm})
+def _fit(out, step_fn, model, norm, steps=30, engine=ENGINE):
+    return fit(model, step_fn, steps=steps, optim=OPTIM, engine=engine, out_dir=out, seed=1, desc="t", stateful={"n": norm})
 
-    model2, norm2, step_fn2 = _problem()
+
+def _killed_at_17(out):
+    """A run into ``out`` that dies at step 17, after its checkpoints at steps 7 and 14."""
+    model, norm, step_fn = _problem()
 
     def dies_at_17(step):
         if step == 17:
             raise Killed
-        return step_fn2(step)
+        return step_fn(step)
 
     with pytest.raises(Killed):
-        fit(model2, dies_at_17, steps=30, optim=OPTIM, engine=ENGINE, out_dir=tmp_path / "b", seed=1, desc="b", stateful={"n": norm2})
-    model3, norm3, step_fn3 = _problem(seed=99)  # fresh process state: different init, reloaded from step 14
-    result = fit(model3, step_fn3, steps=30, optim=OPTIM, engine=ENGINE, out_dir=tmp_path / "b", seed=1, desc="b", stateful={"n": norm3})
+        _fit(out, dies_at_17, model, norm)
+
+
+def _resumed(out):
+    """The run into ``out`` again, in fresh process state (other initial weights, reloaded from a checkpoint)."""
+    model, norm, step_fn = _problem(seed=99)
+    return _fit(out, step_fn, model, norm), model, norm
+
+
+def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    model, norm, step_fn = _problem()
+    _fit(tmp_path / "a", step_fn, model, norm)
+    _killed_at_17(tmp_path / "b")
+    result, model3, norm3 = _resumed(tmp_path / "b")
     assert result.resumed_from == 14
-    for (k, a), b in zip(model.state_dict().items(), model3.state_dict().values()):
-        assert torch.equal(a, b), k
+    _assert_same_weights(model, model3)
     assert norm3.avg_human.item() == norm.avg_human.item()
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # no duplicated metric lines after the resume
@@ -111,3 +128,44 @@ def test_checkpoint_state_with_pickled_code_is_refused(tmp_path):
     ckpts.save(1, {"w": torch.zeros(1)}, {"step": 1})
     torch.save({"evil": Payload()}, tmp_path / "step-0000001" / "state.pt")
     assert ckpts.load_latest() is None  # refused by weights_only=True, never executed
+
+
+
+@pytest.mark.parametrize("damage", ["weights truncated", "state truncated", "state zero bytes"])
+def test_fit_resumes_from_the_previous_checkpoint_when_the_newest_is_truncated(tmp_path, caplog, damage):
+    model, norm, step_fn = _problem()
+    _fit(tmp_path / "a", step_fn, model, norm)
+    _killed_at_17(tmp_path / "b")
+    newest = tmp_path / "b" / "checkpoints" / "step-0000014"
+    target = newest / ("model.safetensors" if damage.startswith("weights") else "state.pt")
+    target.write_bytes(b"" if "zero" in damage else target.read_bytes()[: target.stat().st_size // 2])
+    result, model3, _ = _resumed(tmp_path / "b")
+    assert result.resumed_from == 7  # the newest (14) is unreadable: the one before it
+    assert f"checkpoint {newest} is unreadable" in caplog.text
+    _assert_same_weights(model, model3)
+
+
+def test_nan_steps_from_the_environment_are_skipped_counted_and_survive_a_resume(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(FAULT_NAN_ENV, "3,4,20")
+    model, norm, step_fn = _problem()
+    assert _fit(tmp_path / "a", step_fn, model, norm).bad_steps == 3
+    assert "non-finite loss at step 20" in caplog.text
+    _killed_at_17(tmp_path / "b")
+    result, model3, _ = _resumed(tmp_path / "b")
+    assert (result.resumed_from, result.bad_steps) == (14, 3)  # 3 and 4 from the checkpoint, 20 after it
+    _assert_same_weights(model, model3)
+    monkeypatch.delenv(FAULT_NAN_ENV)
+    clean, norm4, step_fn4 = _problem()
+    _fit(tmp_path / "c", step_fn4, clean, norm4)
+    assert not all(torch.equal(x, y) for x, y in zip(clean.parameters(), model.parameters()))  # the steps were skipped
+
+
+def test_fault_nan_steps_reads_lists_and_ranges(monkeypatch):
+    monkeypatch.delenv(FAULT_NAN_ENV, raising=False)
+    assert fault_nan_steps() == frozenset()
+    monkeypatch.setenv(FAULT_NAN_ENV, "3,4, 10-12,")
+    assert fault_nan_steps() == {3, 4, 10, 11, 12}
+    for bad in ("x", "3-", "-2", "4-x", "5-3"):
+        monkeypatch.setenv(FAULT_NAN_ENV, bad)
+        with pytest.raises(ValueError, match=FAULT_NAN_ENV):
+            fault_nan_steps()

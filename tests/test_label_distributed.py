@@ -182,12 +182,11 @@ def test_ranks_without_a_process_group_meet_through_the_store_folder(taught, tmp
     _assert_same_records(out, one)
 
 
-def test_stages_other_than_label_refuse_to_run_on_several_processes(taught, monkeypatch):
+def test_must_refuses_to_run_on_several_processes(taught, monkeypatch):
+    # The single-task stages train on several processes (tests/test_train_distributed.py); MuST does not.
     teacher_run, _, overrides = taught
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ValueError, match="only the label stage runs distributed"):
-        run_pipeline(build_config({}, overrides), teacher_run, stages=["teach", "label"])
     with pytest.raises(ValueError, match="MuST runs in one process"):
         run_must(build_config({}, overrides), teacher_run)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_overrides
+from conftest import check_cell_markers, tiny_overrides
 from selftrain.config import ConfigError, apply_override
 from selftrain.dryrun import dry_run, format_plan
 from selftrain.study import Cell, cell_config, cell_folder, finished, load_study, plan_cells, run_study
@@ -223,12 +223,7 @@ def test_sigkilled_study_resumes_without_rerunning_finished_cells(tmp_path, smal
             proc.wait()
             kills += 1
             _assert_no_cell_process_survives(out)
-        for cell in cells:  # a finished cell's marker is never written again
-            marker = cell_folder(out, cell) / "cell.json"
-            if cell.id in seen:
-                assert (marker.stat().st_mtime_ns, marker.stat().st_ino) == seen[cell.id], cell.id
-            elif marker.exists():
-                seen[cell.id] = (marker.stat().st_mtime_ns, marker.stat().st_ino)
+        check_cell_markers({c.id: cell_folder(out, c) for c in cells}, seen)
         if proc.returncode == 0:
             break
     assert proc.returncode == 0, (tmp_path / "study.log").read_text()[-3000:]

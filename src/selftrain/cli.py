@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from selftrain import __version__
 from selftrain.config import ConfigError, dump_config, load_config
@@ -234,8 +235,9 @@ def main() -> None:
     try:
         app()
     except ConfigError as err:
-        console.print(f"[red]config error[/red]: {err}")
+        console.print(f"[red]config error[/red]: {escape(str(err))}")
         sys.exit(2)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
-        console.print(f"[red]error[/red]: {err}")
+        # escape: messages quote brackets (gloo's "[.../pair.cc:545]", "stages=[teach]") that rich would read as markup
+        console.print(f"[red]error[/red]: {escape(str(err))}")
         sys.exit(1)

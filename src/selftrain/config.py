@@ -275,6 +275,10 @@ class EngineConfig(_Strict):
     eval_batch_size: int = Field(1000, ge=1)
     max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite losses that stop a run")
     progress: bool = True
+    sync_batchnorm: bool = Field(
+        False, description="under torchrun on GPUs: batch norm statistics over the global batch (SyncBatchNorm); "
+        "false: each process normalizes with its own share"
+    )
 
 
 TEACHER_KINDS = ("train", "checkpoint", "timm", "torchvision", "callable", "dlib", "fer", "mediapipe", "none")

@@ -7,6 +7,10 @@ after ``SELFTRAIN_DIST_TIMEOUT`` seconds (default one hour) instead of hanging f
 Ranks started some other way (a job array, one process per machine) can pass
 :class:`Ranks` explicitly; without a process group they meet through files on a shared
 folder (:func:`wait_for`), polled until the same timeout.
+
+The training stages use the process group through :func:`selftrain.engine.fit`
+(DistributedDataParallel); :func:`mean_over_ranks` and :func:`collective_error` are its
+helpers for values every rank must agree on and for failures of the other ranks.
 """
 
 from __future__ import annotations
@@ -99,3 +103,33 @@ def wait_for(ready: Callable[[], bool], what: str, timeout_s: float, poll_s: flo
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout_s:g} s for {what}")
         time.sleep(poll_s)
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over the ranks of the process group (``values`` itself without one).
+
+    Every rank must call it at the same point with a tensor of the same shape.
+    """
+    if not _group() or dist.get_world_size() == 1:
+        return values
+    out = values.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+
+_COLLECTIVE_SIGNS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout", "broken pipe")
+
+
+def collective_error(err: BaseException, what: str) -> RuntimeError | None:
+    """A clearer error for ``err`` if it is a failed collective (a rank died or hung), else None.
+
+    A rank killed mid-step closes its sockets and the others fail at once ("Connection closed
+    by peer"); a rank that hangs makes them fail after ``SELFTRAIN_DIST_TIMEOUT`` seconds.
+    """
+    dist_error = getattr(dist, "DistError", ())
+    if not (isinstance(err, dist_error) or (isinstance(err, RuntimeError) and any(s in str(err).lower() for s in _COLLECTIVE_SIGNS))):
+        return None
+    return RuntimeError(
+        f"{what}: communication with the other processes failed (a rank died, or one waited longer than "
+        f"{TIMEOUT_ENV}={_timeout_s():g} s); rerun the job to resume from the last checkpoint. Cause: {err}"
+    )

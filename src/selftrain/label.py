@@ -47,7 +47,7 @@ from selftrain.engine import Runtime
 from selftrain.network import Network, load_network
 from selftrain.outputs import RunFolder
 from selftrain.selection import select_records, selection_stats
-from selftrain.store import HEADER, PseudoLabelStore, shards_of_rank
+from selftrain.store import HEADER, PseudoLabelStore, remove_temporaries, shards_of_rank
 from selftrain.tasks import build_task
 from selftrain.teach import teacher_for_round
 
@@ -246,6 +246,7 @@ def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1, 
         **task.pseudo_fingerprint(cfg.label),
     }  # fmt: skip
     store = _open_store(folder, ranks, fingerprint=fingerprint, n_shards=n_shards, shard_size=size, tasks=[cfg.task])
+    remove_temporaries(folder / "skips", ranks.rank, ranks.world_size)  # skip lists a killed run left half-renamed
     if store.complete and store.manifest.get("filter") == _filter_config(cfg):
         log.info("label: round %d already done in %s", round_, folder)
         return folder

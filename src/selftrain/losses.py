@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from selftrain.distributed import mean_over_ranks
+
 
 class LossNormalization(nn.Module):
     """Loss normalization of Zoph et al. 2020, "Rethinking Pre-training and Self-training" (§3.2).
@@ -37,6 +39,9 @@ class LossNormalization(nn.Module):
             return loss_human + self.alpha * loss_pseudo
         h, p = loss_human.detach().double(), loss_pseudo.detach().double()
         if self.training:
+            # Under torchrun each rank sees its share of the batch: the averages follow the global
+            # batch's losses, so every rank (and a one-process run) weighs the pseudo term alike.
+            h, p = mean_over_ranks(torch.stack([h, p])).unbind()
             if self.count == 0:
                 self.avg_human.copy_(h)
                 self.avg_pseudo.copy_(p)

@@ -4,9 +4,11 @@ Every stage is resumable: finished stages leave a ``done.json`` and are skipped,
 interrupted training stage continues from its last checkpoint, and an interrupted ``label``
 continues with the store shards it had not written.
 
-Under ``torchrun`` (``WORLD_SIZE`` above 1) only the ``label`` stage runs: every rank draws
-the same split and labels its own shards (:mod:`selftrain.label`); only rank 0 writes the
-provenance.
+Under ``torchrun`` (``WORLD_SIZE`` above 1) every stage runs on every rank: the training
+stages (pretrain, teach, student, transfer's fine-tuning) through DistributedDataParallel, each
+rank on its share of every batch (:func:`selftrain.engine.fit`); ``label`` with each rank on
+its own input shards (:mod:`selftrain.label`). Every rank draws the same split; only rank 0
+writes the provenance, checkpoints, models and results.
 """
 
 from __future__ import annotations
@@ -163,9 +165,6 @@ def run_pipeline(cfg: Config, out: str | Path, *, stages: list[str] | None = Non
     """Runs ``stages`` (default: the config's) into ``out`` and returns the folder."""
     todo = stages or cfg.stages
     ranks = current_ranks()
-    if ranks.world_size > 1 and set(todo) != {"label"}:
-        raise ValueError(f"{ranks.world_size} processes (torchrun): only the label stage runs distributed, "
-                         f"not {sorted(set(todo) - {'label'})}; run the other stages in one process")  # fmt: skip
     run = RunFolder(out)
     if resume == "never" and ranks.rank == 0 and run.root.exists() and any(run.root.iterdir()):
         raise FileExistsError(f"{run.root} is not empty and --resume never was given")
@@ -174,6 +173,7 @@ def run_pipeline(cfg: Config, out: str | Path, *, stages: list[str] | None = Non
     try:
         if ranks.rank == 0:
             run.write_provenance(cfg)
+        current_ranks().barrier()  # the others start once rank 0 accepted the folder
         log.info("run %s: device %s, precision %s", run.root, runtime.device, runtime.precision)
         data = prepare_data(cfg, run)
         _run_stages(cfg, run, data, runtime, todo)

@@ -120,7 +120,8 @@ def pretrain(cfg: Config, run: RunFolder, data, runtime: Runtime) -> Path:
     if p.method == "supervised" and p.data == cfg.data.labeled:
         log.warning("pretrain: supervised pre-training on data.labeled uses all %d of its labels, not the labeled split", len(idx))
     model = build_pretrain_model(cfg, source, idx, data.image_size, data.channels).to(runtime.device)
-    batches = BatchIndices(len(idx), p.batch_size, cfg.seed * 1000 + 17)
+    ranks = runtime.ranks  # under torchrun each rank takes its share of every batch
+    batches = BatchIndices(len(idx), p.batch_size, cfg.seed * 1000 + 17, ranks, what="pretrain.batch_size")
     labels_all = torch.from_numpy(np.array(source.labels))  # a writable copy
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
@@ -128,7 +129,10 @@ def pretrain(cfg: Config, run: RunFolder, data, runtime: Runtime) -> Path:
         return pretrain_step(model, runtime.images(source.load_batch(b)), labels_all[b].to(runtime.device), step, runtime)
 
     log.info("pretrain: %s on %d images of %s, %d steps of %d", p.method, len(idx), source.uri, p.steps, p.batch_size)
-    result = fit(model, step_fn, steps=p.steps, optim=p.optim, engine=cfg.engine, out_dir=folder, seed=cfg.seed, desc=f"pretrain {p.method}")
+    # An online probe gets no gradient from a batch without labels: then DDP must look for unused parameters.
+    unused = model.probe is not None and bool((labels_all[idx] < 0).any())
+    result = fit(model, step_fn, steps=p.steps, optim=p.optim, engine=cfg.engine, out_dir=folder, seed=cfg.seed,
+                 desc=f"pretrain {p.method}", find_unused_parameters=unused)  # fmt: skip
     probe = probe_accuracy(model, source, data, runtime, cfg.engine.eval_batch_size)
     meta = {
         "method": p.method, "init": pretrain_name(cfg), "steps": p.steps, "batch_size": p.batch_size,
@@ -137,9 +141,11 @@ def pretrain(cfg: Config, run: RunFolder, data, runtime: Runtime) -> Path:
         "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(), "probe_top1": probe,
         "seconds": round(result.seconds, 2), "bad_steps": result.bad_steps, "seed": cfg.seed,
     }  # fmt: skip
-    save_weights(weights, model.backbone.state_dict(), metadata={"selftrain": json.dumps(meta)})
-    atomic_write_text(weights.with_suffix(".json"), json.dumps(meta, indent=2))
-    atomic_write_text(folder / "done.json", json.dumps({"seconds": result.seconds, "steps": p.steps, "probe_top1": probe}))
+    if ranks.rank == 0:
+        save_weights(weights, model.backbone.state_dict(), metadata={"selftrain": json.dumps(meta)})
+        atomic_write_text(weights.with_suffix(".json"), json.dumps(meta, indent=2))
+        atomic_write_text(folder / "done.json", json.dumps({"seconds": result.seconds, "steps": p.steps, "probe_top1": probe}))
+    ranks.barrier()  # teach and student start from this backbone
     log.info("pretrain: done in %.0f s -> %s (online probe top-1 %s)", result.seconds, weights, probe)
     return weights
 

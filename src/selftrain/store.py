@@ -102,9 +102,13 @@ def _owner(name: str, world_size: int) -> int:
     return 0
 
 
-def _remove_temporaries(root: Path, rank: int = 0, world_size: int = 1) -> None:
+def remove_temporaries(root: Path, rank: int = 0, world_size: int = 1) -> None:
+    """Removes the ``*.tmp*`` leftovers in ``root`` of the files rank ``rank`` writes (``shard-N...``: rank
+    ``N % world_size``; any other name: rank 0), as a killed writer leaves them."""
     # Safe only because each file has one writer: leftovers of this rank's files belong to a
     # killed run, while another rank's may be in the middle of being written.
+    if not root.is_dir():
+        return
     removed = [tmp for tmp in root.glob(_TMP_GLOB) if tmp.is_file() and _owner(tmp.name, world_size) == rank]
     for tmp in removed:
         tmp.unlink(missing_ok=True)
@@ -192,7 +196,7 @@ class PseudoLabelStore:
                                  "store and resume is off; use a new output folder or delete it")
             store = cls(root)
             store._check_same(wanted)
-            _remove_temporaries(root, rank, world_size)
+            remove_temporaries(root, rank, world_size)
             return store
         if rank != 0:
             raise StoreError(f"{root / HEADER}: missing; rank 0 starts the store, rank {rank} only opens it")
@@ -202,7 +206,7 @@ class PseudoLabelStore:
                              "it is not a complete store folder, use a new output folder")
         root.mkdir(parents=True, exist_ok=True)
         fsync_dir(root.parent)
-        _remove_temporaries(root)
+        remove_temporaries(root)
         header = {"format": FORMAT, **wanted,
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         _write_json(root / HEADER, header)

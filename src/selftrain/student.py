@@ -84,10 +84,11 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
     if runtime.channels_last:
         net.to(memory_format=torch.channels_last)
     aug = BatchAugment(s.augment)
-    human = BatchIndices(len(data.labeled_idx), s.human_batch_size, seed)
-    pseudo = BatchIndices(len(pool_index), s.pseudo_batch_size, seed + 50)
+    ranks = runtime.ranks  # under torchrun each rank takes its share of both batches
+    human = BatchIndices(len(data.labeled_idx), s.human_batch_size, seed, ranks, what="student.human_batch_size")
+    pseudo = BatchIndices(len(pool_index), s.pseudo_batch_size, seed + 50, ranks, what="student.pseudo_batch_size")
     combine = LossNormalization(alpha=s.alpha, decay=s.average_decay, normalize=s.loss == "normalized")
-    nh = s.human_batch_size
+    nh = human.share
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         h = data.labeled_idx[human(step).numpy()]
@@ -106,8 +107,10 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         desc=f"student r{round_}", stateful={"loss_normalization": combine},
     )  # fmt: skip
     meta = {"spec": spec.__dict__, "stage": "student", "round": round_, "seconds": result.seconds, "seed": cfg.seed}
-    export_model(weights, net, meta)
-    done = {"seconds": result.seconds, "steps": s.steps, "pseudo_records": int(len(pool_index)), "bad_steps": result.bad_steps}
-    atomic_write_text(folder / "done.json", json.dumps(done))
+    if ranks.rank == 0:
+        export_model(weights, net, meta)
+        done = {"seconds": result.seconds, "steps": s.steps, "pseudo_records": int(len(pool_index)), "bad_steps": result.bad_steps}
+        atomic_write_text(folder / "done.json", json.dumps(done))
+    ranks.barrier()  # the next round's label stage reads this student
     log.info("student: round %d done in %.0f s -> %s", round_, result.seconds, weights)
     return weights

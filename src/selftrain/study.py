@@ -278,9 +278,17 @@ def _relabel(rows: list[ResultRow], cell: Cell) -> list[ResultRow]:
     return out
 
 
+#: The files that say a stage finished (``done.json``, a store's ``manifest.json``): linked last.
+_MARKERS = ("done.json", "manifest.json")
+
+
 def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-links (or copies) the files of a finished stage folder; checkpoints are not needed."""
-    for path in sorted(src.rglob("*")):
+    """Hard-links (or copies) the files of a finished stage folder; checkpoints are not needed.
+
+    The stage's marker goes last and a copy is renamed into place, so a study killed midway
+    leaves a folder that is not taken for finished and holds no torn file.
+    """
+    for path in sorted(src.rglob("*"), key=lambda p: (p.name in _MARKERS, p)):
         rel = path.relative_to(src)
         if path.is_dir() or "checkpoints" in rel.parts or ".tmp-" in path.name:
             continue
@@ -290,7 +298,9 @@ def _link_tree(src: Path, dst: Path) -> None:
             try:
                 os.link(path, target)
             except OSError:
-                shutil.copy2(path, target)
+                tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+                shutil.copy2(path, tmp)
+                os.replace(tmp, target)
 
 
 def _reuse(out: Path, cell: Cell) -> dict[str, str]:

@@ -14,7 +14,7 @@ import torch
 from selftrain.augment import BatchAugment
 from selftrain.atomic import atomic_write_text
 from selftrain.config import Config
-from selftrain.engine import BatchIndices, Runtime, export_model, fit
+from selftrain.engine import BatchIndices, FitResult, Runtime, export_model, fit
 from selftrain.network import Network, NetworkSpec, image_statistics, load_network
 from selftrain.outputs import RunFolder, read_done
 from selftrain.pretrain import resolve_weights
@@ -36,12 +36,16 @@ def network_spec(cfg: Config, data) -> NetworkSpec:
 def train_supervised(
     net: Network, cfg: Config, data, runtime: Runtime, folder: Path, *, steps: int, batch_size: int, augment: str,
     optim, desc: str, seed: int, label_smoothing: float = 0.0, freeze_backbone: bool = False,
-) -> float:  # fmt: skip
-    """Trains ``net`` on the labeled split (its head only with ``freeze_backbone``); returns the training seconds."""
+) -> FitResult:  # fmt: skip
+    """Trains ``net`` on the labeled split (its head only with ``freeze_backbone``); returns the loop's result
+    (seconds, skipped steps).
+
+    Under torchrun each rank trains on its share of every batch of ``batch_size`` (the global batch).
+    """
     task = build_task(cfg.task, data.labeled)
     params = net.freeze_backbone() if freeze_backbone else None
     aug = BatchAugment(augment)
-    batches = BatchIndices(len(data.labeled_idx), batch_size, seed)
+    batches = BatchIndices(len(data.labeled_idx), batch_size, seed, runtime.ranks, what=f"{desc}: the batch size")
     net.to(runtime.device)
     if runtime.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -54,8 +58,7 @@ def train_supervised(
             outputs = net(x)
         return {"loss": task.loss(outputs, target).mean()}
 
-    result = fit(net, step_fn, steps=steps, optim=optim, engine=cfg.engine, out_dir=folder, seed=seed, desc=desc, params=params)
-    return result.seconds
+    return fit(net, step_fn, steps=steps, optim=optim, engine=cfg.engine, out_dir=folder, seed=seed, desc=desc, params=params)
 
 
 def teach(cfg: Config, run: RunFolder, data, runtime: Runtime) -> Path:
@@ -69,14 +72,18 @@ def teach(cfg: Config, run: RunFolder, data, runtime: Runtime) -> Path:
     torch.manual_seed(cfg.seed)  # the initial weights are part of what a seed fixes
     net = Network(spec, drop_rate=cfg.model.drop_rate, weights=resolve_weights(cfg, run))
     t = cfg.teach
-    seconds = train_supervised(
+    result = train_supervised(
         net, cfg, data, runtime, folder, steps=t.steps, batch_size=t.batch_size, augment=t.augment,
         optim=t.optim, desc="teach", seed=cfg.seed, label_smoothing=t.label_smoothing, freeze_backbone=t.freeze_backbone,
     )  # fmt: skip
-    meta = {"spec": spec.__dict__, "stage": "teach", "round": 0, "seconds": seconds, "seed": cfg.seed}
-    export_model(weights, net, meta)
-    atomic_write_text(folder / "done.json", json.dumps({"seconds": seconds, "steps": t.steps}))
-    log.info("teach: done in %.0f s -> %s", seconds, weights)
+    meta = {"spec": spec.__dict__, "stage": "teach", "round": 0, "seconds": result.seconds, "seed": cfg.seed}
+    ranks = runtime.ranks
+    if ranks.rank == 0:
+        export_model(weights, net, meta)
+        done = {"seconds": result.seconds, "steps": t.steps, "bad_steps": result.bad_steps}
+        atomic_write_text(folder / "done.json", json.dumps(done))
+    ranks.barrier()  # no rank reads the teacher (label) before rank 0 has written it
+    log.info("teach: done in %.0f s -> %s", result.seconds, weights)
     return weights
 
 

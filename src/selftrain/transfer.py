@@ -4,7 +4,8 @@ Protocols:
     evaluate  the model as trained, on the held-out test set, with the task's metric
               (``top1``/``top5``; ``miou``; ``absrel``/``rmse``/``delta1``; ``ap``/``ap50``; ``nme``)
     linear    frozen backbone; a linear classifier on its pooled features (``linear.top1``)
-    finetune  the whole backbone plus a new head, trained on a labeled split (``finetune.top1``)
+    finetune  the whole backbone plus a new head, trained on a labeled split (``finetune.top1``);
+              under torchrun the ranks share each batch (DDP), like teach
 
 ``linear`` and ``finetune`` are classification protocols (the config refuses them for dense tasks).
 
@@ -175,6 +176,9 @@ def transfer(cfg: Config, run: RunFolder, data, runtime: Runtime) -> list[Result
         metrics = measure(net, cfg, data, runtime, folder, f"{method}-r{round_}", cfg.transfer.protocols)
         rows += [ResultRow(metric=k, value=round(float(v), 4), **base) for k, v in metrics.items()]
         log.info("transfer: %s (round %d): %s", method, round_, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    ResultsTable(run.results).add(rows)
-    atomic_write_text(folder / "done.json", json.dumps({"rows": len(rows), "time": time.time()}))
+    ranks = runtime.ranks  # under torchrun every rank measures (fine-tuning is shared); rank 0 writes
+    if ranks.rank == 0:
+        ResultsTable(run.results).add(rows)
+        atomic_write_text(folder / "done.json", json.dumps({"rows": len(rows), "time": time.time()}))
+    ranks.barrier()
     return rows

@@ -39,7 +39,7 @@ def run_must(cfg: Config, out: str | Path, *, stages: tuple[str, ...] | list[str
     from selftrain.report import build_report
 
     if (world_size := current_ranks().world_size) > 1:
-        raise ValueError(f"{world_size} processes (torchrun): MuST runs in one process; `selftrain label` is the stage that runs distributed")
+        raise ValueError(f"{world_size} processes (torchrun): MuST runs in one process; run, pretrain, teach, label, student and transfer are the commands that run distributed")
     if not cfg.must.teachers:
         raise ConfigError("must.teachers: no teacher declared; MuST needs at least one (see configs/must/example.yaml)")
     todo = tuple(stages or (MUST_STAGES if cfg.must.transfer.downstream else MUST_STAGES[:2]))

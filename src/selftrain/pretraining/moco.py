@@ -30,8 +30,9 @@ class MoCo(Method):
         self.head_momentum = copy.deepcopy(self.head)
         deactivate_requires_grad(self.backbone_momentum)
         deactivate_requires_grad(self.head_momentum)
+        # gather_distributed: under torchrun every rank's keys enter the queue, as in one process.
         self.criterion = NTXentLoss(
-            temperature=cfg.moco.temperature, memory_bank_size=(cfg.moco.queue_size, cfg.projection_dim)
+            temperature=cfg.moco.temperature, memory_bank_size=(cfg.moco.queue_size, cfg.projection_dim), gather_distributed=True
         )
         # lightly keeps the queue out of state_dict (non-persistent buffers); a resumed run needs it.
         bank = self.criterion.memory_bank

@@ -17,7 +17,8 @@ class SimCLR(Method):
     def __init__(self, backbone, cfg, **kwargs) -> None:
         super().__init__(backbone, cfg, **kwargs)
         self.head = SimCLRProjectionHead(self.dim, cfg.hidden_dim, cfg.projection_dim)
-        self.criterion = NTXentLoss(temperature=cfg.simclr.temperature)
+        # gather_distributed: under torchrun the negatives are the whole global batch, as in one process.
+        self.criterion = NTXentLoss(temperature=cfg.simclr.temperature, gather_distributed=True)
 
     def loss(self, views, labels, step):
         # One pass over both views: batch norm sees all 2B images, as in SimCLR's global BN.

@@ -25,7 +25,8 @@ class SwAV(Method):
         o = cfg.swav
         self.head = SwaVProjectionHead(self.dim, cfg.hidden_dim, cfg.projection_dim)
         self.prototypes = SwaVPrototypes(cfg.projection_dim, n_prototypes=o.prototypes)
-        self.criterion = SwaVLoss(o.temperature, o.sinkhorn_iterations, o.sinkhorn_epsilon)
+        # Under torchrun the Sinkhorn codes balance the prototypes over the global batch, as in one process.
+        self.criterion = SwaVLoss(o.temperature, o.sinkhorn_iterations, o.sinkhorn_epsilon, sinkhorn_gather_distributed=True)
 
     def view_specs(self) -> list[ViewSpec]:
         o = self.cfg.swav
