@@ -121,8 +121,10 @@ def _label_kills(small_idx, tmp_path: Path, kills: int, seed: int, shard_size: i
             partial.append(len(store.done_shards()))
 
     landed = _kill_runs(["label", "--out", str(b), *_sets(overrides)], log, points, check)
-    leftover = store_dir / "skips" / "shard-00000.json.tmp-99999"  # as a kill before a skip list's rename leaves
-    leftover.write_text("[")
+    for side in ("skips", "missing"):  # as a kill before a skip or no-label list's rename leaves
+        leftover = store_dir / side / "shard-00000.json.tmp-99999"
+        leftover.parent.mkdir(exist_ok=True)
+        leftover.write_text("[")
     run_pipeline(cfg, b, stages=["label"])  # the run after the last kill finishes the store
     print(f"label: {len(landed)} kills survived, at {landed}; shards on disk after each: {partial}")
     want, got = PseudoLabelStore(a / "label" / "round-1"), PseudoLabelStore(store_dir)

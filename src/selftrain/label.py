@@ -246,7 +246,8 @@ def label(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1, 
         **task.pseudo_fingerprint(cfg.label),
     }  # fmt: skip
     store = _open_store(folder, ranks, fingerprint=fingerprint, n_shards=n_shards, shard_size=size, tasks=[cfg.task])
-    remove_temporaries(folder / "skips", ranks.rank, ranks.world_size)  # skip lists a killed run left half-renamed
+    for side in ("skips", "missing"):  # per-shard skip and no-label lists a killed run left half-renamed
+        remove_temporaries(folder / side, ranks.rank, ranks.world_size)
     if store.complete and store.manifest.get("filter") == _filter_config(cfg):
         log.info("label: round %d already done in %s", round_, folder)
         return folder
