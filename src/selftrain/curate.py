@@ -321,6 +321,12 @@ def write_curated(result: CurateResult, source: Source, out: str | Path) -> dict
 def _write_image(source: Source, index: int, key: str, root: Path) -> None:
     """Links (or copies) the image file of a file-backed source, or saves an in-memory image as PNG."""
     path = getattr(source, "path", None)
+    if getattr(source, "fs", None) is not None and source.image_size is None:
+        # An image folder on an fsspec URL: its bytes, unchanged.
+        target = root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes(index))
+        return
     original = Path(path(index)) if callable(path) and source.image_size is None else None
     target = root / (key if original is not None and Path(key).suffix == original.suffix else f"{key}.png")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -4,40 +4,57 @@
 dataset (classes sorted by name); any other layout is unlabeled. Keys are the
 relative POSIX paths, sorted, so they are stable across machines and runs and
 can be stored in split files.
+
+``DIR`` may also be an fsspec URL (``s3://bucket/pool``, ``gs://...``, ``memory://...``,
+``file:///abs/path``, chained ones such as ``simplecache::s3://...``): the files are listed
+with the URL's filesystem and each image's bytes are read with it when loaded, then decoded
+exactly as a local file. The protocol's package (s3fs, gcsfs, adlfs...) is not a dependency
+of selftrain; a missing one is an error naming it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import posixpath
+import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
 
 from selftrain.data.images import decode_image, resize_center_crop
-from selftrain.data.sources import DataError, Source
+from selftrain.data.sources import BadImageError, DataError, Source
 
 logger = logging.getLogger("selftrain.data")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _LABEL_MODES = ("auto", "none")
+# "s3://...", "memory://...", "file:///..." or a chained "simplecache::s3://...".
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*(://|::)")
 
 
 class ImageFolderSource(Source):
-    """Images under a directory; ``load`` decodes with :func:`decode_image`."""
+    """Images under a directory; ``load`` decodes with :func:`decode_image`.
+
+    With ``fs`` (an fsspec filesystem), ``root`` is the folder's URL as given (used in
+    messages), ``fs_root`` its path on ``fs``, and every image is read with ``fs.cat_file``.
+    """
 
     def __init__(
         self,
         uri: str,
-        root: Path,
+        root: Path | str,
         rel_paths: list[str],
         labels: np.ndarray,
         *,
         classes: list[str] | None,
         channels: int | None,
         image_size: int | None,
+        fs: Any = None,
+        fs_root: str | None = None,
     ) -> None:
         super().__init__(
             uri,
@@ -48,20 +65,36 @@ class ImageFolderSource(Source):
             in_memory=False,
         )
         self.root = root
+        self.fs = fs
+        self.fs_root = fs_root
         self._rel_paths = rel_paths
 
     def key(self, i: int) -> str:
         return self._rel_paths[self._check_index(i)]
 
     def path(self, i: int) -> str:
-        """Filesystem path of item ``i``."""
-        return str(self.root / self._rel_paths[self._check_index(i)])
+        """Filesystem path of item ``i`` (its URL for a folder on an fsspec filesystem)."""
+        rel = self._rel_paths[self._check_index(i)]
+        if self.fs is not None:
+            return f"{str(self.root).rstrip('/')}/{rel}"
+        return str(self.root / rel)
 
     def load(self, i: int) -> torch.Tensor:
-        image = decode_image(self.path(i), channels=self.channels)
+        if self.fs is None:
+            image = decode_image(self.path(i), channels=self.channels)
+        else:
+            image = decode_image(self.path(i), channels=self.channels, data=self.read_bytes(i))
         if self.image_size is not None:
             image = resize_center_crop(image, self.image_size)
         return image
+
+    def read_bytes(self, i: int) -> bytes:
+        """The bytes of item ``i`` from the fsspec filesystem; a failed read is a bad image."""
+        rel = self._rel_paths[self._check_index(i)]
+        try:
+            return self.fs.cat_file(f"{self.fs_root}/{rel}")
+        except OSError as exc:  # FileNotFoundError, PermissionError, network errors...
+            raise BadImageError(self.path(i), f"cannot read file ({exc.strerror or exc})") from exc
 
 
 def build_imagefolder(
@@ -78,10 +111,18 @@ def build_imagefolder(
             warning (its images would silently be missing otherwise).
 
     Raises:
-        DataError: Bad query, missing, unreadable or empty directory.
+        DataError: Bad query, missing, unreadable or empty directory; for an fsspec URL
+            also an unknown protocol or its package not installed.
     """
-    root, label_mode = _parse(uri, rest)
-    rel_paths = list_images(root, strict=strict)
+    directory, label_mode = _parse_query(uri, rest)
+    fs = fs_root = None
+    if _URL.match(directory):
+        fs, fs_root = open_url(uri, directory)
+        root: Path | str = directory.rstrip("/")
+        rel_paths = list_url_images(uri, fs, fs_root)
+    else:
+        root = _local_root(uri, directory)
+        rel_paths = list_images(root, strict=strict)
     if not rel_paths:
         exts = " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
         raise DataError(f"{uri}: no image files ({exts}) found under {root}")
@@ -100,12 +141,13 @@ def build_imagefolder(
                 why_not,
             )
     return ImageFolderSource(
-        uri, root, rel_paths, labels, classes=classes, channels=channels, image_size=image_size
-    )
+        uri, root, rel_paths, labels, classes=classes, channels=channels, image_size=image_size,
+        fs=fs, fs_root=fs_root,
+    )  # fmt: skip
 
 
-def _parse(uri: str, rest: str) -> tuple[Path, str]:
-    """Split ``DIR[?labels=...]`` and check the directory exists."""
+def _parse_query(uri: str, rest: str) -> tuple[str, str]:
+    """Split ``DIR[?labels=...]`` into the directory and the label mode."""
     directory, _, query = rest.partition("?")
     if not directory:
         raise DataError(f"{uri}: expected imagefolder:DIR")
@@ -121,12 +163,78 @@ def _parse(uri: str, rest: str) -> tuple[Path, str]:
                 f"the only option is labels={'|'.join(_LABEL_MODES)}"
             )
         label_mode = value
+    return directory, label_mode
+
+
+def _local_root(uri: str, directory: str) -> Path:
+    """The local directory, checked to exist."""
     root = Path(directory).expanduser()
     if not root.exists():
         raise DataError(f"{uri}: directory not found: {root}")
     if not root.is_dir():
         raise DataError(f"{uri}: not a directory: {root}")
-    return root, label_mode
+    return root
+
+
+def open_url(uri: str, url: str) -> tuple[Any, str]:
+    """The fsspec filesystem of ``url`` and the folder's path on it, checked to be a folder.
+
+    Raises:
+        DataError: Unknown protocol, its package not installed, or no folder at ``url``.
+    """
+    import fsspec.core
+    from fsspec.registry import known_implementations
+
+    protocol = re.split(r"://|::", url, maxsplit=1)[0]
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        # A chained URL may name several protocols; report the one whose package is missing.
+        missing = [p for p in re.findall(r"([A-Za-z][A-Za-z0-9+.\-]*)(?:://|::)", url) if p in known_implementations]
+        packages = sorted({known_implementations[p]["class"].split(".", 1)[0] for p in missing} - {"fsspec"})
+        need = " or ".join(f"the {p} package (pip install {p})" for p in packages) or "its fsspec implementation"
+        raise DataError(f"{uri}: reading {url} needs {need}; it is not installed ({exc})") from exc
+    except ValueError as exc:
+        raise DataError(f"{uri}: cannot open {url} with fsspec: {exc}") from exc
+    path = path.rstrip("/") or path
+    try:
+        is_dir = fs.isdir(path)
+        exists = is_dir or fs.exists(path)
+    except OSError as exc:
+        raise DataError(f"{uri}: cannot reach {url} ({protocol}): {exc}") from exc
+    if not exists:
+        raise DataError(f"{uri}: directory not found: {url}")
+    if not is_dir:
+        raise DataError(f"{uri}: not a directory: {url}")
+    return fs, path
+
+
+def list_url_images(uri: str, fs: Any, root: str) -> list[str]:
+    """Relative POSIX paths of all image files under ``root`` on ``fs``, sorted.
+
+    The same rules as :func:`list_images`: image extensions only, hidden files and
+    anything under a hidden folder left out.
+
+    Raises:
+        DataError: The listing fails.
+    """
+    try:
+        paths = fs.find(root, withdirs=False)
+    except OSError as exc:
+        raise DataError(f"{uri}: cannot list {root}: {exc}") from exc
+    prefix = root.rstrip("/") + "/"
+    found = []
+    for full in paths:
+        if not full.startswith(prefix):
+            continue
+        rel = full[len(prefix) :]
+        parts = rel.split("/")
+        if any(not part or part.startswith(".") for part in parts):
+            continue
+        if posixpath.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS:
+            found.append(rel)
+    found.sort()
+    return found
 
 
 def list_images(root: Path, *, strict: bool = False) -> list[str]:

