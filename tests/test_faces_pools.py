@@ -38,6 +38,8 @@ def test_pool_inits_are_validated() -> None:
     with pytest.raises(ConfigError, match="no pool 'nowhere' in pretrain_pools"):
         load_benchmark(CONFIG, ["inits=[random, 'ssl:simclr@nowhere']"])
     with pytest.raises(ConfigError, match="pool init is ssl:"):
+        load_benchmark(CONFIG, ["inits=[random, 'ssl:simclr@curated#0']"])
+    with pytest.raises(ConfigError, match="unknown init 'supervised@curated'"):
         load_benchmark(CONFIG, ["inits=[random, 'supervised@curated']"])
     bench = load_benchmark(CONFIG)
     # Each size of a pool is one more init, right after the pool's own.
@@ -48,7 +50,7 @@ def test_pool_inits_are_validated() -> None:
 
 def test_pools_curated_vs_uncurated_and_sizes_end_to_end(tmp_path: Path) -> None:
     bench = load_benchmark(CONFIG, [
-        "data.train=24", "data.test=20", "data.size=32", "data.uncurated=30", "pretrain_pools.0.sizes=[10, 25]",
+        "data.train=24", "data.test=20", "data.size=48", "data.uncurated=30", "pretrain_pools.0.sizes=[10, 25]",
         "base.teach.steps=3", "base.pretrain.steps=3", "base.pretrain.batch_size=8", "base.data.image_size=16",
         "seeds=[0, 1]", "tasks=[{name: emotion, task: emotion, labeled: 'affectnet:{data}/affectnet/train.csv', "
         "test: 'affectnet:{data}/affectnet/test.csv'}]",
