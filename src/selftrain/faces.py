@@ -44,7 +44,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from selftrain.atomic import atomic_write_text
 from selftrain.config import FACE_TASKS, ConfigError, _Strict, apply_override, build_config, read_mapping
-from selftrain.face_pools import PretrainPoolConfig, check_pool_inits, expand_inits, pool_uri, prepare_pools
+from selftrain.face_pools import PretrainPoolConfig, check_pool_inits, expand_inits, parse_pool_init, pool_uri, prepare_pools
 from selftrain.results import ResultRow, ResultsTable, read_results
 
 log = logging.getLogger("selftrain.faces")
@@ -298,7 +298,7 @@ def run_benchmark(bench: FaceBenchmarkConfig, out: str | Path, *, jobs: int | No
     if saved.exists() and json.loads(saved.read_text())["config"] != record["config"]:
         raise ValueError(f"{out} holds a different face benchmark (see {saved}); use another --out")
     atomic_write_text(saved, json.dumps(record, indent=1))
-    used = {init.split("@")[1].split("#")[0] for init in bench.all_inits if "@" in init}
+    used = {parsed[1] for init in bench.all_inits if (parsed := parse_pool_init(init))}
     pools = prepare_pools(bench.pretrain_pools, used, out, data)
     for init in [i for i in bench.all_inits if i != "random"]:
         for seed in bench.seeds:

@@ -320,7 +320,8 @@ def _near_copy(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple
     if kind == "shift":
         dx, dy = (int(v) for v in rng.choice([-1, 1], size=2))
         pixels = np.asarray(image)
-        shifted = np.pad(pixels, ((2, 2), (2, 2), (0, 0)), mode="edge")[2 + dy : 2 + dy + image.height, 2 + dx : 2 + dx + image.width]
+        padded = np.pad(pixels, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        shifted = padded[1 + dy : 1 + dy + image.height, 1 + dx : 1 + dx + image.width]
         return Image.fromarray(shifted), "png"
     scale = rng.choice([rng.uniform(0.8, 0.9), rng.uniform(1.1, 1.2)])
     return Image.fromarray(np.clip(np.asarray(image).astype(np.float32) * scale, 0, 255).astype(np.uint8)), "png"
@@ -386,4 +387,5 @@ def _planted_counts(folder: Path) -> dict[str, int]:
     return {kind: kinds.count(kind) for kind in PLANTED_KINDS}
 
 
-__all__ = ["write_face_benchmark_data", "write_uncurated_pool", "read_planted", "PLANTED_KINDS", "render_face", "face_points", "AU_NAMES", "FLIP_PAIRS_68"]
+__all__ = ["write_face_benchmark_data", "write_uncurated_pool", "read_planted", "PLANTED_KINDS", "render_face",
+           "face_points", "AU_NAMES", "FLIP_PAIRS_68"]
