@@ -315,7 +315,7 @@ def run_benchmark(bench: FaceBenchmarkConfig, out: str | Path, *, jobs: int | No
     else:
         failed = run_parallel(todo, jobs or bench.jobs,
                               lambda c, t: spawn_child(out / "cells" / c.id, ["selftrain.faces", str(out), c.id, str(t)], t),
-                              lambda c: out / "cells" / c.id)  # fmt: skip
+                              lambda c: out / "cells" / c.id, what="faces")  # fmt: skip
     n_rows = merge(out, cells)
     build_report(out, title=f"selftrain face benchmark: {bench.name}")
     if failed:
