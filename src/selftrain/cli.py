@@ -203,7 +203,7 @@ def study(
 
 @app.command()
 def faces(
-    config: Annotated[Path, typer.Argument(help="face benchmark YAML: base, data, pretrain_data, tasks, inits, splits, protocols, seeds")],
+    config: Annotated[Path, typer.Argument(help="face benchmark YAML: base, data, pretrain_data, pretrain_pools, tasks, inits, splits, protocols, seeds")],
     out: OutOpt = Path("runs/faces"),
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="cells run in parallel processes")] = None,
     set: SetOpt = None,

@@ -14,14 +14,20 @@ a normal run folder whose ``cell.json`` is written last (the study's resume cont
     OUT/
       benchmark.json                       the config and its cells (written first)
       data/                                the generated fixtures (``data.generate``)
+      pools/<name>/                        each pre-training pool, curated and subset once (selftrain.face_pools)
       pretrain/<init>-seed<s>/             one pre-training per (init, seed), shared by its cells
       cells/<task>_<init>_<split>_<protocol>_seed<s>/   a run folder + cell.json
       results.csv                          stage ``faces``: every finished cell's rows, in order
-      report.md, report.html               the FRL table (rows init, columns task x split)
+      report.md, report.html               the FRL table (rows init, columns task x split); with pools,
+                                           the pools table and the pool-size curve (plots/pool_size.png)
 
 Rows of ``results.csv``: ``stage`` faces, ``method`` the protocol (finetune, linear,
 self-training), ``task`` the benchmark task's name, ``dataset`` its test set (with ``#K-shot`` for a
-k-shot split), ``label_fraction`` the fraction (for k-shot, the share of the source it keeps).
+k-shot split), ``label_fraction`` the fraction (for k-shot, the share of the source it keeps),
+``init`` the init as listed: ``random``, ``supervised``, ``ssl:<method>`` (on ``pretrain_data``),
+``ssl:<method>@<pool>`` (on a pre-training pool, curated when the pool says so) and
+``ssl:<method>@<pool>#N`` (on its nested subset of N images), so every pool and size is its own row.
+In folder names ``:`` becomes ``-`` and ``#`` ``-n`` (``ssl-simclr@uncurated-n60``).
 """
 
 from __future__ import annotations
@@ -38,11 +44,13 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from selftrain.atomic import atomic_write_text
 from selftrain.config import FACE_TASKS, ConfigError, _Strict, apply_override, build_config, read_mapping
+from selftrain.face_pools import PretrainPoolConfig, check_pool_inits, expand_inits, parse_pool_init, pool_uri, prepare_pools
 from selftrain.results import ResultRow, ResultsTable, read_results
 
 log = logging.getLogger("selftrain.faces")
 
 DATA_MARK = "{data}"  # in a URI: the benchmark's data folder
+SSL = ("simclr", "moco", "byol", "swav")  # self-supervised methods of the pretrain stage
 
 
 class FaceDataConfig(_Strict):
@@ -54,6 +62,7 @@ class FaceDataConfig(_Strict):
     test: int = Field(80, ge=8, description="generated images per task, test split")
     size: int = Field(48, ge=16, description="generated image side (px)")
     real: bool = Field(True, description="also write the real LFW crops of skimage.data.lfw_subset()")
+    uncurated: int = Field(0, ge=0, description="distinct faces of a generated uncurated pool {data}/pool_uncurated (0: none)")
 
 
 class FaceTaskConfig(_Strict):
@@ -75,8 +84,10 @@ class FaceBenchmarkConfig(_Strict):
     pretrain_data: dict[str, str] = Field(
         default_factory=dict, description="init -> pretrain.data URI (supervised: a labeled source; ssl:*: any images)"
     )
+    pretrain_pools: list[PretrainPoolConfig] = Field([], description="pools that ssl:<method>@<name>[#N] inits pre-train on")
     tasks: list[FaceTaskConfig] = Field(min_length=1)
-    inits: list[str] = Field(["random"], min_length=1, description="random | supervised | ssl:<simclr|moco|byol|swav>")
+    inits: list[str] = Field(["random"], min_length=1,
+                             description="random | supervised | ssl:<simclr|moco|byol|swav> | ssl:<method>@<pool>[#N]")
     label_fractions: list[float] = Field([1.0], description="seeded, nested label fractions")
     shots: list[int] = Field([], description="k-shot subsets (k per class; k images for regression sources)")
     protocols: list[Literal["finetune", "linear"]] = ["finetune"]
@@ -89,8 +100,8 @@ class FaceBenchmarkConfig(_Strict):
     @classmethod
     def _inits(cls, inits: list[str]) -> list[str]:
         for init in inits:
-            if init not in ("random", "supervised") and init not in {f"ssl:{m}" for m in ("simclr", "moco", "byol", "swav")}:
-                raise ValueError(f"unknown init {init!r}; allowed: random, supervised, ssl:<simclr|moco|byol|swav>")
+            if init not in ("random", "supervised") and init.split("@")[0] not in {f"ssl:{m}" for m in SSL}:
+                raise ValueError(f"unknown init {init!r}; allowed: random, supervised, ssl:<simclr|moco|byol|swav>[@<pool>[#N]]")
         return list(dict.fromkeys(inits))
 
     @field_validator("label_fractions", "self_training")
@@ -109,10 +120,16 @@ class FaceBenchmarkConfig(_Strict):
             raise ValueError("label_fractions / shots: give at least one split")
         if 1.0 in self.self_training:
             raise ValueError("self_training: at label fraction 1 the pool (the labeled source outside its split) is empty")
-        missing = [i for i in self.inits if i != "random" and i not in self.pretrain_data]
+        check_pool_inits(self.inits, self.pretrain_pools, SSL)
+        missing = [i for i in self.inits if i != "random" and "@" not in i and i not in self.pretrain_data]
         if missing:
             raise ValueError(f"pretrain_data: no source for init {', '.join(missing)} (init -> URI)")
         return self
+
+    @property
+    def all_inits(self) -> list[str]:
+        """The inits with the pool-size inits ``ssl:<m>@<pool>#N`` of each pool init's sizes."""
+        return expand_inits(self.inits, self.pretrain_pools)
 
 
 @dataclass(frozen=True)
@@ -127,7 +144,7 @@ class FaceCell:
 
     @property
     def id(self) -> str:
-        return f"{self.task}_{self.init.replace(':', '-')}_{self.split}_{self.protocol}_seed{self.seed}"
+        return f"{self.task}_{_slug(self.init)}_{self.split}_{self.protocol}_seed{self.seed}"
 
     @property
     def shots(self) -> int | None:
@@ -155,7 +172,7 @@ def plan(bench: FaceBenchmarkConfig) -> list[FaceCell]:
     splits = [f"f{f:g}" for f in bench.label_fractions] + [f"{k}shot" for k in bench.shots]
     cells = []
     for task in bench.tasks:
-        for init in bench.inits:
+        for init in bench.all_inits:
             for split in splits:
                 protocols = list(bench.protocols)
                 if task.task != "verification" and split.startswith("f") and float(split[1:]) in bench.self_training:
@@ -183,14 +200,20 @@ def cell_config(bench: FaceBenchmarkConfig, cell: FaceCell, out: Path, data: Pat
     return build_config(bench.base, [*sets, *task.set], source=f"face cell {cell.id}")
 
 
+def _slug(init: str) -> str:
+    """An init in a folder name: ``ssl:simclr@pool#100`` -> ``ssl-simclr@pool-n100``."""
+    return init.replace(":", "-").replace("#", "-n")
+
+
 def _pretrain_folder(init: str, seed: int) -> str:
-    return f"{init.replace(':', '-')}-seed{seed}"
+    return f"{_slug(init)}-seed{seed}"
 
 
-def pretrain_config(bench: FaceBenchmarkConfig, init: str, seed: int, data: Path):
-    """The shared pre-training of ``init`` (its data from ``pretrain_data``), only the pretrain stage."""
-    method = "supervised" if init == "supervised" else init.split(":", 1)[1]
-    source = _uri(bench.pretrain_data[init], data)
+def pretrain_config(bench: FaceBenchmarkConfig, init: str, seed: int, data: Path, pools: dict | None = None):
+    """The shared pre-training of ``init`` (its data from ``pretrain_data``, or its prepared pool
+    from ``pools``: :func:`selftrain.face_pools.prepare_pools`), only the pretrain stage."""
+    method = "supervised" if init == "supervised" else init.split(":", 1)[1].split("@")[0]
+    source = pool_uri(init, pools or {}) if "@" in init else _uri(bench.pretrain_data[init], data)
     # The run around the stage needs a labeled source with classes (its images give the normalization
     # statistics): the pre-training source when supervised, else the first identity source of the tasks.
     labeled = source if method == "supervised" else next(
@@ -263,6 +286,10 @@ def run_benchmark(bench: FaceBenchmarkConfig, out: str | Path, *, jobs: int | No
 
         d = bench.data
         write_face_benchmark_data(data, train=d.train, test=d.test, size=d.size, real=d.real)
+        if d.uncurated:
+            from selftrain.data.face_fixtures import write_uncurated_pool
+
+            write_uncurated_pool(data / "pool_uncurated", unique=d.uncurated, size=d.size)
     cells = plan(bench)
     for cell in cells:  # every cell's config is valid before anything trains
         cell_config(bench, cell, out, data)
@@ -271,12 +298,14 @@ def run_benchmark(bench: FaceBenchmarkConfig, out: str | Path, *, jobs: int | No
     if saved.exists() and json.loads(saved.read_text())["config"] != record["config"]:
         raise ValueError(f"{out} holds a different face benchmark (see {saved}); use another --out")
     atomic_write_text(saved, json.dumps(record, indent=1))
-    for init in [i for i in bench.inits if i != "random"]:
+    used = {parsed[1] for init in bench.all_inits if (parsed := parse_pool_init(init))}
+    pools = prepare_pools(bench.pretrain_pools, used, out, data)
+    for init in [i for i in bench.all_inits if i != "random"]:
         for seed in bench.seeds:
             folder = out / "pretrain" / _pretrain_folder(init, seed)
             if not (folder / "pretrain" / "backbone.safetensors").exists():
                 log.info("faces: pre-training %s, seed %d", init, seed)
-                run_pipeline(pretrain_config(bench, init, seed, data), folder)
+                run_pipeline(pretrain_config(bench, init, seed, data, pools), folder)
     todo = [c for c in cells if not (out / "cells" / c.id / "cell.json").exists()]
     failed: list[str] = []
     if (jobs or bench.jobs) == 1:
@@ -286,7 +315,7 @@ def run_benchmark(bench: FaceBenchmarkConfig, out: str | Path, *, jobs: int | No
     else:
         failed = run_parallel(todo, jobs or bench.jobs,
                               lambda c, t: spawn_child(out / "cells" / c.id, ["selftrain.faces", str(out), c.id, str(t)], t),
-                              lambda c: out / "cells" / c.id)  # fmt: skip
+                              lambda c: out / "cells" / c.id, what="faces")  # fmt: skip
     n_rows = merge(out, cells)
     build_report(out, title=f"selftrain face benchmark: {bench.name}")
     if failed:

@@ -446,10 +446,12 @@ def _sections(doc: dict[str, Any], markdown: bool) -> list[str]:
     from selftrain.must.benchmark_report import section
 
     table = _md_table if markdown else _html_table
+    from selftrain.face_pools import pools_section
     from selftrain.faces import frl_section
 
     first = section(doc["rows"], markdown, table)  # the MuST transfer benchmark, when the folder has one
     first += frl_section(doc["rows"], markdown, table, _Grid, _Cell)  # the face benchmark, when it has one
+    first += pools_section(doc["rows"], doc.get("pools", {}), markdown, table, _Grid, _Cell)  # and its pre-training pools
     note = _DELTA_NOTE if doc["grids"] else "No results."
     if any("(lower is better)" in g.caption for g in doc["grids"]):
         note += " " + _LOWER_NOTE
@@ -528,6 +530,7 @@ def build_report(out_dir: str | Path, *, title: str | None = None) -> dict[str, 
     table, deltas = main_table(rows)
     summary: dict[str, Any] = {"table": table, "deltas": deltas}
     doc = {"grids": _grids(summary), "labels": _labels_grid(labels), "notes": notes, "rows": rows}
+    from selftrain import face_pools
     from selftrain.must import benchmark_report
 
     if cols := benchmark_report.columns(rows):
@@ -542,6 +545,10 @@ def build_report(out_dir: str | Path, *, title: str | None = None) -> dict[str, 
             "curves": _Plot("training curves", _plot_curves([c for c in curves if not c.label.startswith("must/benchmark/cells/")]),
                             "no metrics.jsonl with loss or eval_top1 values"),
         }  # fmt: skip
+        if (pools := face_pools.read_pools(out)) and (out / "benchmark.json").exists():
+            doc["pools"] = pools
+            plots["pool_size"] = _Plot("downstream metric against pre-training pool size (nested subsets)",
+                                       face_pools.plot_pool_sizes(rows, pools), "no pool with sizes")  # fmt: skip
     else:
         settings = rethinking.settings(rows)
         found = rethinking.findings(settings)

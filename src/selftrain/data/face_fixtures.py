@@ -97,9 +97,12 @@ def _pose(points: np.ndarray, yaw: float, scale: float, cx: float, cy: float) ->
     return np.stack([cx + scale * x, cy + scale * y, scale * z], axis=1)
 
 
-def _draw(size: int, p68: np.ndarray, skin: tuple, background: tuple, rng: np.random.Generator) -> Image.Image:
+def _draw(size: int, p68: np.ndarray, skin: tuple, background: tuple, rng: np.random.Generator,
+          scenery: list | None = None) -> Image.Image:  # fmt: skip
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
+    for shape, box, colour in scenery or []:
+        (draw.ellipse if shape == "ellipse" else draw.rectangle)([float(v) * size for v in box], fill=colour)
     jaw = p68[:17, :2]
     top = np.stack([jaw[::-1, 0], 2 * p68[27, 1] - jaw[::-1, 1] - (p68[8, 1] - p68[27, 1]) * 0.2], axis=1)
     draw.polygon([tuple(q) for q in np.concatenate([jaw, top])], fill=skin)
@@ -125,8 +128,11 @@ def _identity(rng: np.random.Generator) -> dict:
 
 
 def render_face(rng: np.random.Generator, size: int, identity: dict | None = None, expression: int | None = None,
-                brow: float | None = None, smile: float | None = None, mouth: float | None = None) -> dict:  # fmt: skip
-    """One face: ``image`` (PIL), ``p68`` / ``p98`` 3D points in pixels, the expression parameters."""
+                brow: float | None = None, smile: float | None = None, mouth: float | None = None,
+                pose: tuple | None = None, background: tuple | None = None, scenery: list | None = None) -> dict:  # fmt: skip
+    """One face: ``image`` (PIL), ``p68`` / ``p98`` 3D points in pixels, the expression parameters,
+    ``pose`` (yaw, scale, centre x, centre y) and ``background`` (RGB); both random unless given.
+    ``scenery``: shapes drawn behind the face (:func:`_scenery`); none unless given."""
     identity = identity or _identity(rng)
     if expression is not None:
         b0, s0, m0, _, _ = EXPRESSION_PARAMS[expression]
@@ -134,11 +140,14 @@ def render_face(rng: np.random.Generator, size: int, identity: dict | None = Non
     brow = rng.uniform(-1, 1) if brow is None else brow
     smile = rng.uniform(-1, 1) if smile is None else smile
     mouth = rng.uniform(0, 1) if mouth is None else mouth
-    pose = (rng.uniform(-0.5, 0.5), size * rng.uniform(0.3, 0.38), size * rng.uniform(0.45, 0.55), size * rng.uniform(0.42, 0.5))
+    if pose is None:
+        pose = (rng.uniform(-0.5, 0.5), size * rng.uniform(0.3, 0.38), size * rng.uniform(0.45, 0.55), size * rng.uniform(0.42, 0.5))
     p68, p98 = (_pose(face_points(n, identity, brow, smile, mouth), *pose) for n in (68, 98))
-    background = tuple(int(v) for v in rng.uniform(0, 255, 3))
-    image = _draw(size, p68, identity["skin"], background, rng)
-    return {"image": image, "p68": p68, "p98": p98, "brow": brow, "smile": smile, "mouth": mouth}
+    drawn = tuple(int(v) for v in rng.uniform(0, 255, 3))
+    background = drawn if background is None else background
+    image = _draw(size, p68, identity["skin"], background, rng, scenery)
+    return {"image": image, "p68": p68, "p98": p98, "brow": brow, "smile": smile, "mouth": mouth, "pose": pose,
+            "background": background}  # fmt: skip
 
 
 def _pts_text(points: np.ndarray) -> str:
@@ -285,4 +294,98 @@ def _write_real(root: Path, rng: np.random.Generator, train_photos: int = 60, vi
     _write_pairs(root / "real" / "lfw", persons, rng, per_fold=4)
 
 
-__all__ = ["write_face_benchmark_data", "render_face", "face_points", "AU_NAMES", "FLIP_PAIRS_68"]
+#: Near-duplicate kinds of :func:`write_uncurated_pool` (``planted.csv``, column ``kind``).
+PLANTED_KINDS = ("original", "reencode", "shift", "brightness", "frame")
+
+
+def _scenery(rng: np.random.Generator) -> list:
+    """3-6 random ellipses and rectangles (boxes in fractions of the side): a cluttered scene behind the face.
+
+    Plain backgrounds leave every cartoon face with the same low frequencies, so a perceptual hash
+    would call distinct faces near-duplicates; photos scraped from the web differ in their scenes.
+    """
+    shapes = []
+    for _ in range(int(rng.integers(3, 7))):
+        x0, y0 = rng.uniform(-0.2, 0.9, size=2)
+        w, h = rng.uniform(0.2, 0.8, size=2)
+        colour = tuple(int(v) for v in rng.uniform(0, 255, 3))
+        shapes.append((str(rng.choice(["ellipse", "rectangle"])), (x0, y0, x0 + w, y0 + h), colour))
+    return shapes
+
+
+def _near_copy(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """A re-upload of ``image``: JPEG re-encoded at a low quality, shifted by 1 px, or brightness +-20%."""
+    if kind == "reencode":
+        return image, "jpg"  # saved with a low JPEG quality by the caller
+    if kind == "shift":
+        dx, dy = (int(v) for v in rng.choice([-1, 1], size=2))
+        pixels = np.asarray(image)
+        padded = np.pad(pixels, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        shifted = padded[1 + dy : 1 + dy + image.height, 1 + dx : 1 + dx + image.width]
+        return Image.fromarray(shifted), "png"
+    scale = rng.choice([rng.uniform(0.8, 0.9), rng.uniform(1.1, 1.2)])
+    return Image.fromarray(np.clip(np.asarray(image).astype(np.float32) * scale, 0, 255).astype(np.uint8)), "png"
+
+
+def write_uncurated_pool(folder: str | Path, *, unique: int = 120, size: int = 48, seed: int = 1, copied: float = 0.5,
+                         clips: int = 4, frames: int = 16) -> dict[str, int]:  # fmt: skip
+    """An *uncurated* unlabeled face pool with planted redundancy, as scraped or video-sampled pools have.
+
+    ``unique`` distinct faces (one identity each); ``copied`` of them get one to three re-uploads
+    (re-encoded as JPEG at quality 30-60, shifted by 1 px, or brightness x0.8-0.9 / x1.1-1.2);
+    ``clips`` identities are heavily repeated as ``frames`` consecutive video frames each (one
+    background, pose and expression drifting a little from frame to frame). Files are named
+    ``NNNN.png|jpg`` in a shuffled order, so duplicates are spread over the pool. ``planted.csv``
+    beside the images (``file,origin,kind``: the original a copy or frame was made from, kinds
+    :data:`PLANTED_KINDS`) is the ground truth of what curation should remove; it is not an image,
+    so an image folder source does not read it. Returns the counts per kind.
+
+    Args:
+        folder: Where to write; an existing ``planted.csv`` leaves the folder as it is.
+    """
+    folder = Path(folder)
+    if (folder / "planted.csv").exists():
+        return _planted_counts(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    items: list[tuple[Image.Image, str, int, str]] = []  # image, extension, origin, kind
+    for k in range(unique):
+        face = render_face(rng, size, scenery=_scenery(rng))
+        items.append((face["image"], "png", k, "original"))
+        if k < int(round(copied * unique)):
+            for kind in rng.choice(["reencode", "shift", "brightness"], size=int(rng.integers(1, 4)), replace=False):
+                image, ext = _near_copy(face["image"], str(kind), rng)
+                items.append((image, ext, k, str(kind)))
+    for c in range(clips):
+        identity, background, scenery = _identity(rng), tuple(int(v) for v in rng.uniform(0, 255, 3)), _scenery(rng)
+        yaw, scale, cx, cy = rng.uniform(-0.3, 0.3), size * rng.uniform(0.32, 0.36), size / 2, size * 0.46
+        brow, smile, mouth = rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5), rng.uniform(0, 0.5)
+        origin = unique + c
+        for f in range(frames):
+            face = render_face(rng, size, identity=identity, brow=brow, smile=smile, mouth=mouth,
+                               pose=(yaw, scale, cx, cy), background=background, scenery=scenery)  # fmt: skip
+            items.append((face["image"], "png", origin, "original" if f == 0 else "frame"))
+            yaw, smile, mouth = yaw + rng.normal(0, 0.01), smile + rng.normal(0, 0.02), max(0.0, mouth + rng.normal(0, 0.01))
+    lines = ["file,origin,kind"]
+    for n, i in enumerate(rng.permutation(len(items)).tolist()):
+        image, ext, origin, kind = items[i]
+        name = f"{n:04d}.{ext}"
+        image.save(folder / name, **({"quality": int(rng.integers(30, 61))} if ext == "jpg" else {}))
+        lines.append(f"{name},{origin},{kind}")
+    (folder / "planted.csv").write_text("\n".join(lines) + "\n")
+    return _planted_counts(folder)
+
+
+def read_planted(folder: str | Path) -> dict[str, tuple[int, str]]:
+    """``planted.csv`` of :func:`write_uncurated_pool`: file -> (origin, kind)."""
+    rows = (Path(folder) / "planted.csv").read_text().splitlines()[1:]
+    return {name: (int(origin), kind) for name, origin, kind in (r.split(",") for r in rows)}
+
+
+def _planted_counts(folder: Path) -> dict[str, int]:
+    kinds = [kind for _, kind in read_planted(folder).values()]
+    return {kind: kinds.count(kind) for kind in PLANTED_KINDS}
+
+
+__all__ = ["write_face_benchmark_data", "write_uncurated_pool", "read_planted", "PLANTED_KINDS", "render_face",
+           "face_points", "AU_NAMES", "FLIP_PAIRS_68"]
