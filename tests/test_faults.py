@@ -11,6 +11,7 @@ with the reference run's: the store records, the weights and metrics, or results
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -272,10 +273,8 @@ def test_a_study_killed_while_reusing_a_stage_never_leaves_its_marker_before_its
             monkeypatch.setattr(os, "link", lambda s, t, *a: place(real_link, s, t, *a))
             if link == "copy":
                 monkeypatch.setattr(os, "replace", lambda s, t, *a: place(real_replace, s, t, *a))
-            try:
+            with contextlib.suppress(KeyboardInterrupt):  # the simulated death
                 study_mod._link_tree(tmp_path / "src" / stage, dst)
-            except KeyboardInterrupt:
-                pass
             monkeypatch.undo()
             present = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file()) if dst.exists() else []
             assert marker not in present or sorted(wanted) == [p for p in present if ".tmp-" not in p], (k, present)

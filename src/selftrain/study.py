@@ -351,8 +351,8 @@ def _die_with_parent() -> None:
     """In a child: be killed when the study process dies (Linux), so no orphan writes a cell."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        log.debug("no parent-death signal on this platform: an orphaned cell process may finish its cell")
 
 
 def spawn_child(folder: Path, args: list[str], threads: int) -> subprocess.Popen:
