@@ -36,3 +36,37 @@ def test_eval_mode_does_not_update_averages_and_state_round_trips():
     other = LossNormalization()
     other.load_state_dict(norm.state_dict())
     assert other.count.item() == 1 and other.avg_pseudo.item() == pytest.approx(2.0)
+
+
+def test_self_label_loss_matches_hand_computed_values():
+    from selftrain.losses import self_label_loss
+
+    # clean predictions: image 0 confident in class 1 (softmax of [0, 3, 0]: e^3/(e^3+2) = 0.909),
+    # image 1 unsure (uniform), image 2 confident in class 0
+    clean = torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 0.0], [5.0, 0.0, 0.0]])
+    view = torch.tensor([[1.0, 2.0, 0.0], [9.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    loss, kept = self_label_loss(view, clean, threshold=0.9)
+    ce0 = -torch.log_softmax(view[0], 0)[1]  # log(1 + e^-1 + e^-2) - ... against label 1
+    ce2 = -torch.log_softmax(view[2], 0)[0]
+    assert kept.item() == pytest.approx(2 / 3)
+    assert loss.item() == pytest.approx((ce0 + ce2).item() / 3)
+    loss, kept = self_label_loss(view, clean, threshold=0.95)  # only image 2 (0.987) passes
+    assert kept.item() == pytest.approx(1 / 3) and loss.item() == pytest.approx(ce2.item() / 3)
+
+
+def test_self_labels_carry_no_gradient_to_the_clean_predictions():
+    from selftrain.losses import self_label_loss
+
+    clean = torch.tensor([[4.0, 0.0]], requires_grad=True)
+    view = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    self_label_loss(view, clean, threshold=0.5)[0].backward()
+    assert clean.grad is None and view.grad is not None
+
+
+def test_cosine_weight_runs_from_start_to_end():
+    from selftrain.losses import cosine_weight
+
+    assert cosine_weight(0, 100, 1.0, 0.0) == pytest.approx(1.0)
+    assert cosine_weight(50, 100, 1.0, 0.0) == pytest.approx(0.5)
+    assert cosine_weight(100, 100, 1.0, 0.2) == pytest.approx(0.2)
+    assert cosine_weight(25, 100, 1.0, 0.0) == pytest.approx(0.5 * (1 + 2**-0.5))

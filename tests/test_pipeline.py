@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -95,6 +97,35 @@ def test_a_larger_student_backbone_is_trained_exported_and_measured(small_idx, t
     assert any(r["method"] == "self-training" and r["metric"] == "top1" for r in rows)
     with pytest.raises(ValueError, match="student.init=teacher needs the teacher's backbone"):
         run_pipeline(build_config({}, tiny_overrides(small_idx) + ["student.backbone=cnn-small", "student.init=teacher"]), tmp_path / "b")
+
+
+def test_consistency_student_logs_its_self_labels_and_resumes_to_the_same_weights(small_idx, tmp_path):
+    from safetensors.torch import load_file
+
+    extra = ["student.consistency=1", "student.consistency_threshold=0.3", "student.consistency_augment=S2",
+             "student.alpha_final=0", "student.loss=sum", "engine.threads=1"]  # fmt: skip
+    cfg = build_config({}, tiny_overrides(small_idx) + extra)
+    run_pipeline(cfg, tmp_path / "a")
+    rows = [json.loads(line) for line in open(tmp_path / "a/student/round-1/metrics.jsonl")]
+    assert all(0 <= r["self_labeled"] <= 1 and r["loss_consistency"] >= 0 for r in rows)
+    assert rows[-1]["self_labeled"] > 0  # a threshold of 0.3 over 10 classes keeps some self-labels by step 30
+    assert any(r["method"] == "self-training" for r in csv.DictReader(open(tmp_path / "a/results.csv")))
+    # Interrupted after the step-20 checkpoint: the resumed student ends with the same weights.
+    run_pipeline(cfg, tmp_path / "b")
+    folder = tmp_path / "b/student/round-1"
+    for name in ("done.json", "model.safetensors"):
+        (folder / name).unlink()
+    shutil.rmtree(folder / "checkpoints/step-0000030")
+    run_pipeline(cfg, tmp_path / "b", stages=["student"])
+    a, b = load_file(tmp_path / "a/student/round-1/model.safetensors"), load_file(folder / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_consistency_options_without_the_term_or_on_a_dense_task_are_errors(small_idx):
+    with pytest.raises(ValueError, match="student.consistency_augment: options of the consistency term, which is off"):
+        build_config({}, tiny_overrides(small_idx) + ["student.consistency_augment=S2"])
+    with pytest.raises(ValueError, match="student.consistency: the self-label term is for classification, not depth"):
+        build_config({}, ["task=depth", "student.consistency=1"])
 
 
 def _write_folder(root: Path, images: np.ndarray, labels: np.ndarray | None, classes: list[str]) -> None:

@@ -239,6 +239,10 @@ class StudentConfig(_Strict):
         "normalized", description="normalized: Zoph et al. loss normalization; sum: L_h + alpha * L_p"
     )
     alpha: float = Field(1.0, ge=0, description="weight of the pseudo-label loss")
+    alpha_final: float | None = Field(
+        None, ge=0, description="the pseudo-label weight at the last step, reached on a cosine from alpha "
+        "(with consistency: the student's own labels take over from the teacher's); None: constant alpha",
+    )  # fmt: skip
     average_decay: float = Field(0.99, ge=0, lt=1, description="decay of the loss moving averages")
     drop_rate: float = Field(0.3, ge=0, lt=1, description="student dropout (noise)")
     init: str = Field(
@@ -246,7 +250,25 @@ class StudentConfig(_Strict):
         "model.weights is set (a study's self-training from a pre-trained teacher) | teacher | path to a checkpoint",
     )  # fmt: skip
     rounds: int = Field(1, ge=1, description="the student of round r teaches round r+1")
+    consistency: float = Field(
+        0.0, ge=0, description="weight of the FixMatch-style term (classification): the student's own confident "
+        "predictions on the clean pool images are targets for its augmented views; 0: off",
+    )  # fmt: skip
+    consistency_threshold: float = Field(0.95, gt=0, le=1, description="confidence a self-label needs")
+    consistency_augment: Augment | None = Field(
+        None, description="a second, stronger view for the consistency term; None: the pseudo batch's own view"
+    )
     optim: OptimConfig = OptimConfig(lr=0.1)
+
+    @model_validator(mode="after")
+    def _consistency_options(self) -> StudentConfig:
+        # Values other than the defaults: a saved config writes every default out and must load back.
+        fields = type(self).model_fields
+        unused = [k for k in ("consistency_threshold", "consistency_augment") if getattr(self, k) != fields[k].default]
+        if self.consistency == 0 and unused:
+            keys = ", ".join(f"student.{k}" for k in sorted(unused))
+            raise ValueError(f"{keys}: options of the consistency term, which is off (student.consistency=0)")
+        return self
 
 
 class TransferConfig(_Strict):
@@ -571,6 +593,8 @@ class Config(_Strict):
                             "ones); it runs pretrain, teach and transfer only")  # fmt: skip
         if self.teach.label_smoothing > 0 and t != "emotion":
             problems.append(f"teach.label_smoothing: for classification only, not {t}")
+        if self.student.consistency > 0:
+            problems.append(f"student.consistency: the self-label term is for classification, not {t}")
         if set(self.transfer.protocols) - {"evaluate"}:
             problems.append(f"transfer.protocols: linear and finetune are classification protocols; {t} runs only evaluate")
         if problems:

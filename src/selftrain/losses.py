@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from selftrain.distributed import mean_over_ranks
@@ -51,3 +54,28 @@ class LossNormalization(nn.Module):
             self.count += 1
         scale = (self.avg_human / self.avg_pseudo.clamp_min(1e-12)).to(loss_pseudo.dtype)
         return (loss_human + self.alpha * scale * loss_pseudo) / (1 + self.alpha)
+
+
+def self_label_loss(logits: torch.Tensor, clean_logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch's unlabeled term (Sohn et al. 2020) for classification.
+
+    The model's own prediction on a clean (or weakly augmented) image becomes a hard label for an
+    augmented view of it, where that prediction's confidence reaches ``threshold``:
+    ``mean_i 1[max p_i >= t] * CE(logits_i, argmax p_i)`` with ``p = softmax(clean_logits)``,
+    averaged over all images, kept or not. Returns the loss and the fraction kept.
+
+    Example:
+        >>> clean = torch.tensor([[4.0, 0.0], [0.1, 0.0]])  # confident / unsure
+        >>> loss, kept = self_label_loss(torch.zeros(2, 2), clean, threshold=0.9)
+        >>> round(loss.item(), 4), kept.item()  # ln(2) / 2: one image of two kept
+        (0.3466, 0.5)
+    """
+    confidence, label = clean_logits.detach().float().softmax(dim=1).max(dim=1)
+    keep = (confidence >= threshold).float()
+    ce = F.cross_entropy(logits.float(), label, reduction="none")
+    return (ce * keep).mean(), keep.mean()
+
+
+def cosine_weight(step: int, steps: int, start: float, end: float) -> float:
+    """A weight moving from ``start`` at step 0 to ``end`` at step ``steps`` on a half cosine."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))

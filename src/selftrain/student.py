@@ -6,6 +6,13 @@ a batch of human-labeled images with a batch of pseudo-labeled ones. The two los
 combined with loss normalization (or a plain weighted sum). The student starts from scratch,
 from the teacher, or from any checkpoint; with ``student.rounds > 1`` it becomes the teacher
 of the next round.
+
+For classification the student can also teach itself while it learns (``student.consistency``,
+FixMatch of Sohn et al. 2020): its own confident predictions on the clean pool images are hard
+labels for strongly augmented views of them. With ``student.alpha_final: 0`` the teacher's
+labels fade out on a cosine, so the student leans on the teacher first and on its own, by then
+better, labels last: the student is no longer bound to its teacher's mistakes, which is what
+held it within a point of its pseudo labels' accuracy without the term.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from selftrain.atomic import atomic_write_text
 from selftrain.checkpoint import read_state_dict
 from selftrain.config import Config
 from selftrain.engine import BatchIndices, Runtime, export_model, fit
-from selftrain.losses import LossNormalization
+from selftrain.losses import LossNormalization, cosine_weight, self_label_loss
 from selftrain.network import Network
 from selftrain.outputs import RunFolder
 from selftrain.pretrain import resolve_weights
@@ -61,6 +68,20 @@ def _initial_weights(net: Network, init: str, run: RunFolder, round_: int) -> No
     log.info("student: initialized from %s", path)
 
 
+def _consistency(net, clean, view_logits, strong, runtime: Runtime, threshold: float):
+    """The FixMatch term on the pool batch: self-labels from the clean images, in eval mode (no
+    dropout noise, no batch-norm update), for ``view_logits`` or, with ``strong``, a new view."""
+    was_training = net.training
+    net.eval()
+    with torch.no_grad(), runtime.autocast():
+        clean_logits = net(clean)
+    net.train(was_training)
+    if strong is not None:
+        with runtime.autocast():
+            view_logits = net(strong(clean))
+    return self_label_loss(view_logits, clean_logits, threshold)
+
+
 def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1) -> Path:
     """Trains the student of ``round_`` and returns the path of its weights."""
     folder = run.stage("student", round_)
@@ -89,8 +110,11 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
     pseudo = BatchIndices(len(pool_index), s.pseudo_batch_size, seed + 50, ranks, what="student.pseudo_batch_size")
     combine = LossNormalization(alpha=s.alpha, decay=s.average_decay, normalize=s.loss == "normalized")
     nh = human.share
+    strong = BatchAugment(s.consistency_augment) if s.consistency_augment else None
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
+        if s.alpha_final is not None:  # a function of the step alone, so a resumed run continues the same curve
+            combine.alpha = cosine_weight(step, s.steps, s.alpha, s.alpha_final)
         h = data.labeled_idx[human(step).numpy()]
         p = pseudo(step)
         images = torch.cat([data.labeled.load_batch(h), data.pool.load_batch(pool_index[p.numpy()])])
@@ -100,7 +124,13 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
             outputs = net(x)  # one forward pass, so batch norm sees human and pseudo images together
         per_sample = task.loss(outputs, target)
         loss_h, loss_p = per_sample[:nh].mean(), per_sample[nh:].mean()
-        return {"loss": combine(loss_h, loss_p), "loss_human": loss_h.detach(), "loss_pseudo": loss_p.detach()}
+        out = {"loss": combine(loss_h, loss_p), "loss_human": loss_h.detach(), "loss_pseudo": loss_p.detach()}
+        if s.consistency > 0:
+            pool_images = runtime.images(images[len(h):])
+            loss_c, used = _consistency(net, pool_images, outputs[nh:], strong, runtime, s.consistency_threshold)
+            out["loss"] = out["loss"] + s.consistency * loss_c
+            out["loss_consistency"], out["self_labeled"] = loss_c.detach(), used
+        return out
 
     result = fit(
         net, step_fn, steps=s.steps, optim=s.optim, engine=cfg.engine, out_dir=folder, seed=seed,
