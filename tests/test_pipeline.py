@@ -171,3 +171,11 @@ def test_demo_grid_writes_one_folder_per_cell_and_a_report(small_idx, tmp_path):
     assert "supervised" in result.output and "self-training" in result.output
     html = (tmp_path / "report.html").read_text()
     assert "<table" in html and "data-mean" in html
+
+
+def test_the_demo_recipe_in_code_is_the_shipped_demo_config():
+    from selftrain.config import dump_config, load_config
+    from selftrain.demo import DEMO_RECIPE
+
+    shipped = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    assert dump_config(build_config(DEMO_RECIPE)) == dump_config(shipped)

@@ -12,11 +12,21 @@ import logging
 import time
 from pathlib import Path
 
-from selftrain.config import load_config
+from selftrain.config import build_config, load_config
 from selftrain.pipeline import run_pipeline
 from selftrain.report import build_report, format_table
 
 log = logging.getLogger("selftrain.demo")
+
+#: What ``selftrain demo`` runs without ``--config``: the library defaults plus the student
+#: options below, the same recipe as ``configs/demo.yaml`` (a test keeps the two equal). The
+#: student starts from its teacher and adds the FixMatch-style consistency term on AutoAugment
+#: views while the teacher's labels fade out: measured on seed 0 at 1% labels, 83.95% against
+#: 80.43% for the plain teacher-student recipe (README, "What the demo measures").
+DEMO_RECIPE: dict = {
+    "name": "demo",
+    "student": {"init": "teacher", "consistency": 1.0, "consistency_augment": "S2", "alpha_final": 0.0},
+}
 
 
 def run_demo(out: str | Path, *, seeds: list[int], fractions: list[float], config: Path | None = None, overrides: list[str] | None = None) -> dict:
@@ -25,7 +35,8 @@ def run_demo(out: str | Path, *, seeds: list[int], fractions: list[float], confi
     start = time.time()
     for fraction in fractions:
         for seed in seeds:
-            cfg = load_config(config, [*(overrides or []), f"seed={seed}", f"data.label_fraction={fraction}"])
+            cell = [*(overrides or []), f"seed={seed}", f"data.label_fraction={fraction}"]
+            cfg = load_config(config, cell) if config else build_config(DEMO_RECIPE, cell, source="<demo recipe>")
             folder = out / f"fraction-{fraction:g}" / f"seed-{seed}"
             log.info("demo: label fraction %g, seed %d -> %s", fraction, seed, folder)
             run_pipeline(cfg, folder)
