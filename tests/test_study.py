@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import yaml
 from conftest import check_cell_markers, tiny_overrides
 from selftrain.config import ConfigError, apply_override
 from selftrain.dryrun import dry_run, format_plan
-from selftrain.study import Cell, cell_config, cell_folder, finished, load_study, plan_cells, run_study
+from selftrain.study import METHODS, Cell, cell_config, cell_folder, finished, load_study, plan_cells, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs" / "study" / "rethinking-fashion.yaml"
@@ -48,14 +49,21 @@ def _rows(path: Path, timing: bool = True) -> list[dict]:
 def test_shipped_study_loads_and_plans_its_grid():
     study, base = load_study(SHIPPED)
     cells = plan_cells(study)
-    assert len(cells) == 24 and len({c.id for c in cells}) == 24
-    assert {c.method for c in cells} == {"finetune", "self-training"} and {c.seed for c in cells} == {0, 1, 2}
+    # random and ssl:simclr init x (linear probe at 2 fractions + S1, S4 x 2 fractions x finetune, self-training) x 3 seeds,
+    # and pretrain+self-training for ssl:simclr (from random weights it is self-training)
+    assert len(cells) == 2 * (2 + 2 * 2 * 2) * 3 + 2 * 2 * 3 and len({c.id for c in cells}) == len(cells)
+    assert set(METHODS) == {c.method for c in cells} and {c.seed for c in cells} == {0, 1, 2}
+    assert {c.init for c in cells} == {"random", "ssl:simclr"} and {c.augment for c in cells} == {"none", "S1", "S4"}
     header = SHIPPED.read_text().split("\nname:")[0]
     assert "selftrain study configs/study/rethinking-fashion.yaml" in header and "min" in header
-    cfg = cell_config(base, Cell("random", "S4", 0.1, "self-training", 2), Path("runs/x"))
-    assert (cfg.seed, cfg.data.label_fraction, cfg.teach.augment, cfg.student.augment) == (2, 0.1, "S4", "S4")
+    cfg = cell_config(base, Cell("random", "S4", 0.1, "self-training", 1), Path("runs/x"))
+    assert (cfg.seed, cfg.data.label_fraction, cfg.teach.augment, cfg.student.augment) == (1, 0.1, "S4", "S4")
     assert cfg.stages == ["teach", "label", "student", "transfer"]
-    assert cell_config(base, cells[0], Path("runs/x")).stages == ["teach", "transfer"]
+    probe = cell_config(base, Cell("ssl:simclr", "none", 0.01, "linear-probe", 1), Path("runs/x"))
+    assert probe.stages == ["transfer"] and probe.transfer.protocols == ["linear"] and probe.data.label_fraction == 0.01
+    assert Path(probe.model.weights) == Path("runs/x").resolve() / "pretrain" / "ssl-simclr-seed1" / "pretrain" / "backbone.safetensors"
+    assert [c.method for c in cells[:6]] == ["linear-probe"] * 6  # each init's probes first
+    assert cell_config(base, cells[6], Path("runs/x")).stages == ["teach", "transfer"]
 
 
 def test_overrides_split_between_study_and_base_and_errors_are_clear(tmp_path, small_idx):
@@ -98,6 +106,43 @@ def test_pretraining_inits_pretrain_once_per_seed_and_label_their_rows(tmp_path,
     assert sorted(r["init"] for r in rows) == ["random", "supervised"]
     cfg = yaml.safe_load((cell_folder(out, plan_cells(study)[1]) / "config.yaml").read_text())
     assert Path(cfg["model"]["weights"]).samefile(exported[0])
+
+
+def test_linear_probe_cells_measure_each_init_and_the_report_states_the_ssl_margin(tmp_path, small_idx):
+    import statistics
+
+    extra = ("pretrain.steps=4", "pretrain.batch_size=16", "transfer.steps=60")
+    path = _write_study(tmp_path / "s.yaml", _base(small_idx, *extra), init=["random", "ssl:simclr"],
+                        method=["linear-probe"], seed=[0, 1])  # fmt: skip
+    study, base = load_study(path)
+    out = tmp_path / "out"
+    result = run_study(study, base, out)
+    cells = plan_cells(study)
+    assert result["failed"] == [] and [c.id for c in cells] == [
+        "random_none_f0.1_linear-probe_seed0", "random_none_f0.1_linear-probe_seed1",
+        "ssl-simclr_none_f0.1_linear-probe_seed0", "ssl-simclr_none_f0.1_linear-probe_seed1",
+    ]  # fmt: skip
+    assert sorted(p.parent.parent.name for p in out.glob("pretrain/*/pretrain/backbone.safetensors")) == [
+        "ssl-simclr-seed0", "ssl-simclr-seed1"]  # fmt: skip
+    rows = _rows(out / "results.csv")
+    assert {(r["method"], r["augment"], r["stage"], r["round"]) for r in rows} == {("linear-probe", "none", "transfer", "0")}
+    top1 = {(r["init"], int(r["seed"])): float(r["value"]) for r in rows if r["metric"] == "linear.top1"}
+    assert set(top1) == {(i, s) for i in ("random", "ssl:simclr") for s in (0, 1)}
+    assert not list(out.glob("cells/*/teach"))  # nothing trains but the probe
+    # The finding's margin is the paired gain over seeds, computed from results.csv.
+    gains = [top1["ssl:simclr", s] - top1["random", s] for s in (0, 1)]
+    found = {f["claim"]: f for f in _findings(out)}
+    probe = found["Self-supervised pre-training raises linear-probe accuracy over random init."]
+    mean, std = statistics.fmean(gains), statistics.stdev(gains)
+    assert f"smallest margin {mean:+.2f} ± {std:.2f} (n=2 seeds, paired" in probe["summary"]
+    assert probe["verdict"] == ("not supported" if mean <= 0 else "supported within noise" if mean <= std else "supported")
+    assert "Rethinking table, linear-probe" in (out / "report.md").read_text()
+
+
+def _findings(out: Path) -> list[dict]:
+    from selftrain.report import build_report
+
+    return build_report(out)["findings"]
 
 
 def test_study_runs_cells_reuses_teachers_and_resumes_without_rerunning(tmp_path, small_idx):
@@ -166,13 +211,39 @@ def test_dry_run_lists_every_cell_with_an_estimate_and_trains_nothing(tmp_path, 
     by_id = {r["id"]: r for r in plan["cells"]}
     for augment in ("S1", "S4"):
         finetune, selftrain = by_id[f"random_{augment}_f0.1_finetune_seed0"], by_id[f"random_{augment}_f0.1_self-training_seed0"]
-        assert finetune["seconds"] > 0 and selftrain["seconds"] > 0
-        probe = plan["probe"][augment]  # the self-training cell reuses the teacher: student + labels only
-        student_part = probe["student_step"] * 6 + probe["label_image"] * 300 + probe["transfer_model"]
-        assert selftrain["seconds"] - finetune["seconds"] == pytest.approx(student_part - probe["teach_step"] * 6)
+        for clock, key in (("wall", "seconds"), ("cpu", "cpu_seconds")):  # wall time as measured, and CPU time
+            assert finetune[key] > 0 and selftrain[key] > 0
+            probe = plan["probe"][augment][clock]  # the self-training cell reuses the teacher: student + labels only
+            student_part = probe["student_step"] * 6 + probe["label_image"] * 300 + probe["transfer_model"]
+            assert selftrain[key] - finetune[key] == pytest.approx(student_part - probe["teach_step"] * 6)
     assert plan["serial_seconds"] == pytest.approx(sum(r["seconds"] for r in plan["cells"]))
     text = format_plan(plan)
     assert "4 cells, 4 to run: estimated" in text and "random_S4_f0.1_self-training_seed0" in text
+    assert plan["pretraining"] == [] and plan["wall_seconds"] == pytest.approx(plan["serial_seconds"])
+    assert "CPU time:" in text and "CPU-seconds per wall second" in text
+
+
+def test_dry_run_estimates_pretraining_and_linear_probes_too(tmp_path, small_idx):
+    base = _base(small_idx, "pretrain.steps=50", "pretrain.batch_size=16")
+    path = _write_study(tmp_path / "s.yaml", base, init=["random", "ssl:simclr"], method=["linear-probe", "finetune"], seed=[0, 1])
+    study, base = load_study(path)
+    plan = dry_run(study, base, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [(p["id"], p["steps"], p["status"]) for p in plan["pretraining"]] == [
+        ("pretrain/ssl-simclr-seed0", 50, "to run"), ("pretrain/ssl-simclr-seed1", 50, "to run")]  # fmt: skip
+    for clock, key in (("wall", "seconds"), ("cpu", "cpu_seconds")):
+        cost = plan["probe_pretrain"]["ssl:simclr"][clock]
+        assert all(p[key] == pytest.approx(cost["setup"] + 50 * cost["step"]) and cost["step"] > 0 for p in plan["pretraining"])
+        probe = plan["probe"]["none"][clock]
+        for row in plan["cells"]:
+            if row["method"] == "linear-probe":  # no training: opening the data and the probe
+                assert row[key] == pytest.approx(probe["setup"] + probe["linear_probe"])
+    # one job: the pretraining runs, then the cells, one after the other
+    assert plan["wall_seconds"] == pytest.approx(plan["pretrain_seconds"] + plan["serial_seconds"])
+    assert plan["cpu"]["total"] == pytest.approx(plan["cpu"]["pretrain"] + plan["cpu"]["cells"])
+    text = format_plan(plan)
+    assert "8 cells, 8 to run; 2 pretraining run(s), 2 to run: estimated" in text and "min of pretraining" in text
+    assert re.search(r"\npretrain/ssl-simclr-seed1 +pretrain 50 ", text) and "linear probe" in text
 
 
 def _launch(args: list[str], log: Path) -> subprocess.Popen:

@@ -46,7 +46,9 @@ _STUDY_NOTE = (
     "Each cell: mean ± std over seeds (n seeds); Δ: difference of means against the random-init supervised "
     "(finetune) line at the same augmentation and label fraction, over the seeds both have, ± the sample std "
     "of the per-seed differences. Methods: supervised = the teacher alone (finetune cells); self-training = "
-    "teacher from the init, student from random weights; pretrain+self-training = both from the init."
+    "teacher from the init, student from random weights; pretrain+self-training = both from the init; "
+    "linear-probe = no training: a linear classifier on the init's frozen backbone features of the labeled split, "
+    "its Δ against the random init's probe."
 )
 #: Metrics stored in percent, shown with two decimals.
 _PERCENT = ("top", "acc", "miou", "ap", "delta1", "pixel_acc", "coverage", "nme")

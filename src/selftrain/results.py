@@ -34,6 +34,8 @@ COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 IDENTITY: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("value", "seconds"))
 BASELINE_METHOD = "supervised"
+#: The method of a linear probe of an init before any training (a study's ``linear-probe`` cells).
+PROBE_METHOD = "linear-probe"
 #: Columns of one results table: measurements in different settings are never compared.
 SETTING: tuple[str, ...] = ("stage", "task", "dataset")
 #: Columns of one line of a results table; init and augment belong here, not to the setting,

@@ -6,7 +6,9 @@ without self-training. This module turns a study's ``results.csv`` into
 
 * the **Rethinking table**: per method, rows = init, columns = augmentation × label fraction,
   each cell the mean ± std over seeds and the difference to the random-init supervised
-  baseline at the same augmentation and label fraction (paired over seeds);
+  baseline at the same augmentation and label fraction (paired over seeds); the linear probes
+  of the inits (``linear-probe`` cells: frozen backbone, no training) are a table of their own,
+  each cell against the random init's probe;
 * **plots**: accuracy against label fraction per method and init, pseudo-label accuracy and
   confidence, training curves averaged over the seeds of a grid point;
 * **findings**: each claim of the paper, and whether this run supports it, with the margin,
@@ -30,7 +32,7 @@ import numpy as np
 
 from selftrain.report import _CURVES, _Cell, _Curve, _Grid, _Labels, _num, _panels, _png
 from selftrain.results import (
-    BASELINE_METHOD, HEADLINE_METRICS, SETTING, ResultRow, format_fraction, higher_is_better,
+    BASELINE_METHOD, HEADLINE_METRICS, PROBE_METHOD, SETTING, ResultRow, format_fraction, higher_is_better,
 )  # fmt: skip
 
 #: The method column of a study's rows, in table order (``supervised`` is the finetune cells' teacher).
@@ -56,18 +58,29 @@ def _init_order(init: str) -> tuple:
 
 @dataclass
 class Setting:
-    """The rows of one (stage, task, dataset) and its headline metric, by grid point and seed."""
+    """The rows of one (stage, task, dataset) and its headline metric, by grid point and seed.
+
+    ``probe``: the linear probes of the inits (method ``linear-probe``), a setting of their own
+    whose baseline is the random init's probe rather than the random-init supervised line.
+    """
 
     stage: str
     task: str
     dataset: str
     metric: str
     values: dict[Key, dict[int, float]]
+    probe: bool = False
 
     @property
     def caption(self) -> str:
         shown = self.metric if higher_is_better(self.metric) else f"{self.metric} (lower is better)"
+        if self.probe:
+            return f"{self.dataset}: {self.task}, linear probe of each init's frozen backbone (no training), {shown}"
         return f"{self.dataset}: {self.task}, {self.stage} stage, {shown}"
+
+    def baseline(self, augment: str, fraction: float) -> Key:
+        """What a grid point is compared with: the random init's probe, or the random-init supervised line."""
+        return (PROBE_METHOD if self.probe else BASELINE_METHOD, "random", augment, fraction)
 
     def axis(self, i: int) -> list:
         """The sorted values of one key column that appear (1 init, 2 augment, 3 label fraction)."""
@@ -85,19 +98,22 @@ class Setting:
 
 
 def settings(rows: Sequence[ResultRow]) -> list[Setting]:
-    """One :class:`Setting` per (stage, task, dataset), on its headline metric."""
+    """One :class:`Setting` per (stage, task, dataset), on its headline metric; the linear probes
+    of the inits (``linear-probe`` rows, metrics ``linear.*``) one more, after it."""
     by: dict[tuple, list[ResultRow]] = {}
     for row in rows:
-        by.setdefault(tuple(getattr(row, c) for c in SETTING), []).append(row)
+        by.setdefault((*(getattr(row, c) for c in SETTING), row.method == PROBE_METHOD), []).append(row)
     out = []
     for key in sorted(by):
+        probe = key[-1]
         metrics = [r.metric for r in by[key]]
-        metric = next((m for m in HEADLINE_METRICS if m in metrics), metrics[0])
+        headline = [f"linear.{m}" for m in HEADLINE_METRICS] if probe else HEADLINE_METRICS
+        metric = next((m for m in headline if m in metrics), metrics[0])
         values: dict[Key, dict[int, float]] = {}
         for r in by[key]:
             if r.metric == metric:
                 values.setdefault((r.method, r.init, r.augment, r.label_fraction), {})[r.seed] = r.value
-        out.append(Setting(*key, metric, values))
+        out.append(Setting(*key[:-1], metric, values, probe=probe))
     return out
 
 
@@ -118,7 +134,7 @@ def _cell(s: Setting, key: Key) -> _Cell:
     mean, std, n = _stats(values)
     attrs.update({"data-mean": repr(mean), "data-std": repr(std), "data-n": str(n)})
     text, note = f"{_num(mean, s.metric)} ± {_num(std, s.metric)}", f"n={n}"
-    base = (BASELINE_METHOD, "random", augment, fraction)
+    base = s.baseline(augment, fraction)
     gain = None if key == base else s.gain(key, base)
     if gain:
         delta = statistics.fmean(s.values[key][k] - s.values[base][k] for k in gain)
@@ -138,7 +154,8 @@ def rethinking_grids(all_settings: list[Setting]) -> list[_Grid]:
             inits = [i for i in s.axis(1) if any(k[:2] == (method, i) for k in s.values)]
             rows = [[_Cell(init), *[_cell(s, (method, init, a, f)) for a, f in columns]] for init in inits]
             name = "supervised (finetune)" if method == BASELINE_METHOD else method
-            caption = f"Rethinking table, {name}: {s.caption}; mean ± std over seeds, Δ vs random-init supervised"
+            versus = "random init's linear probe" if s.probe else "random-init supervised"
+            caption = f"Rethinking table, {name}: {s.caption}; mean ± std over seeds, Δ vs {versus}"
             grids.append(_Grid(caption, header, rows))
     return grids
 
@@ -244,10 +261,33 @@ def _self_training_on_pretraining(s: Setting) -> Finding:
     return _verdict(claim, "pretrain+self-training minus supervised, same init", comparisons, s.metric, missing)
 
 
+def _ssl_raises_linear_probe(s: Setting) -> Finding:
+    claim = "Self-supervised pre-training raises linear-probe accuracy over random init."
+    comparisons = []
+    for init in [i for i in s.axis(1) if i.startswith("ssl:")]:
+        for augment in s.axis(2):
+            for f in s.axis(3):
+                gain = s.gain((PROBE_METHOD, init, augment, f), (PROBE_METHOD, "random", augment, f))
+                if gain:
+                    comparisons.append((f"{init} init, {format_fraction(f)} labels", gain))
+    missing = ("the grid needs linear-probe cells (grid.method: linear-probe) of random and an ssl:<method> init, "
+               "which probe each init's frozen backbone on the labeled split")  # fmt: skip
+    return _verdict(claim, "self-supervised minus random init, linear probe of the frozen backbone", comparisons, s.metric, missing)
+
+
 def findings(all_settings: list[Setting]) -> list[tuple[Setting, list[Finding]]]:
-    """The paper's claims, judged on each setting's headline metric."""
+    """The paper's claims, judged on each setting's headline metric; the linear-probe claim on the
+    probes' setting (or, where the grid has no probes, "not measured" under the headline setting)."""
     checks = (_self_training_helps, _pretraining_fades, _pretraining_hurts, _self_training_on_pretraining)
-    return [(s, [check(s) for check in checks]) for s in all_settings]
+    probed = {(s.stage, s.task, s.dataset) for s in all_settings if s.probe}
+    out = []
+    for s in all_settings:
+        if s.probe:
+            out.append((s, [_ssl_raises_linear_probe(s)]))
+        else:
+            unprobed = [_ssl_raises_linear_probe(s)] if (s.stage, s.task, s.dataset) not in probed else []
+            out.append((s, [check(s) for check in checks] + unprobed))
+    return out
 
 
 def findings_markup(found: list[tuple[Setting, list[Finding]]], markdown: bool) -> list[str]:
@@ -297,7 +337,7 @@ def plot_accuracy(all_settings: list[Setting]) -> bytes | None:
             ax.errorbar(xs, [p[1][0] for p in points], [p[1][1] for p in points], marker="o", capsize=3, label=f"{method}, {init}", **style)
         _fraction_axis(ax, s.axis(3), "label fraction")
         ax.set_ylabel(f"{s.metric} (mean ± std over seeds)")
-        ax.set_title(f"{augment}: {s.dataset} ({s.stage})", fontsize=9)
+        ax.set_title(f"linear probe of the init: {s.dataset}" if s.probe else f"{augment}: {s.dataset} ({s.stage})", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     return _png(fig)

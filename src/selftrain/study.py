@@ -18,6 +18,9 @@ in grid order, so it ends with exactly the rows of an uninterrupted study.
       report.md, report.html     the Rethinking table, plots and findings
 
 Methods (what a cell runs):
+    linear-probe            no training: the init's backbone, frozen, under a linear probe on the
+                            cell's labeled split (one cell per init, label fraction and seed, augment
+                            ``none``: how good the init's features are before any training)
     finetune                teach from the init: the supervised baseline (``method`` column
                             ``supervised``, round 0)
     self-training           teach from the init, label the pool, student from random weights
@@ -57,13 +60,16 @@ from selftrain.results import ResultRow, ResultsTable, read_results
 
 log = logging.getLogger("selftrain.study")
 
-METHODS = ("finetune", "self-training", "pretrain+self-training")
-Method = Literal["finetune", "self-training", "pretrain+self-training"]
+METHODS = ("linear-probe", "finetune", "self-training", "pretrain+self-training")
+Method = Literal["linear-probe", "finetune", "self-training", "pretrain+self-training"]
+#: The augment axis of a ``linear-probe`` cell: the probe trains on clean images.
+PROBE_AUGMENT = "none"
 #: Pretraining methods of the pretrain stage (``ssl:<method>``; ``supervised`` is its own init).
 SSL_METHODS = ("simclr", "moco", "byol", "swav")
 #: Where a pretrain run folder keeps the backbone its pretrain stage exported.
 PRETRAIN_EXPORT = Path("pretrain") / BACKBONE_FILE
-_STAGES = {"finetune": ["teach", "transfer"], "self-training": ["teach", "label", "student", "transfer"]}
+_STAGES = {"linear-probe": ["transfer"], "finetune": ["teach", "transfer"],
+           "self-training": ["teach", "label", "student", "transfer"]}  # fmt: skip
 _STAGES["pretrain+self-training"] = _STAGES["self-training"]
 
 
@@ -200,13 +206,21 @@ def _absolute_init(init: str, root: Path) -> str:
 
 
 def plan_cells(study: StudyConfig) -> list[Cell]:
-    """Every cell of the grid, in grid order (init, augment, label fraction, method, seed)."""
+    """Every cell of the grid, in grid order (init, augment, label fraction, method, seed).
+
+    ``linear-probe`` cells do not depend on the augmentation strength: they come first for each
+    init, once per label fraction and seed, with augment ``none``.
+    """
     g = study.grid
     cells = []
     for init in g.init:
+        if "linear-probe" in g.method:
+            cells.extend(Cell(init, PROBE_AUGMENT, f, "linear-probe", seed) for f in g.label_fraction for seed in g.seed)
         for augment in g.augment:
             for fraction in g.label_fraction:
                 for method in g.method:
+                    if method == "linear-probe":
+                        continue  # above: once, whatever the augmentation strength
                     if method == "pretrain+self-training" and init == "random":
                         continue  # the same runs as self-training from random weights
                     cells.extend(Cell(init, augment, fraction, method, seed) for seed in g.seed)
@@ -221,17 +235,20 @@ def cell_overrides(cell: Cell, out: Path) -> list[str]:
         sets.append(f"model.weights={cell.init[11:]}")
     elif cell.init != "random":
         sets.append(f"model.weights={out.resolve() / cell.pretrain_run / PRETRAIN_EXPORT}")
-    if cell.method == "self-training" and cell.init != "random":
+    if cell.method == "linear-probe":
+        sets.append("transfer.protocols=[linear]")
+    elif cell.method == "self-training" and cell.init != "random":
         sets.append("student.init=random")  # only the teacher starts from the init
     elif cell.method == "pretrain+self-training":
         sets.append("student.init=scratch")  # i.e. model.weights: the init, as for the teacher
     return sets
 
 
-def pretrain_config(base: dict[str, Any], init: str, seed: int) -> Config:
-    """The shared pretraining run of ``init`` and ``seed``: only the pretrain stage."""
+def pretrain_config(base: dict[str, Any], init: str, seed: int, extra: list[str] | tuple = ()) -> Config:
+    """The shared pretraining run of ``init`` and ``seed``: only the pretrain stage (``extra``: more overrides)."""
     method = "supervised" if init == "supervised" else init.split(":", 1)[1]
-    return build_config(base, [f"seed={seed}", "stages=[pretrain]", f"pretrain.method={method}"], source=f"pretrain {init}")
+    sets = [f"seed={seed}", "stages=[pretrain]", f"pretrain.method={method}", *extra]
+    return build_config(base, sets, source=f"pretrain {init}")
 
 
 def cell_config(base: dict[str, Any], cell: Cell, out: Path) -> Config:
@@ -328,6 +345,23 @@ def _reuse(out: Path, cell: Cell) -> dict[str, str]:
     return reused
 
 
+def _probe_init(cfg: Config, folder: Path) -> None:
+    """A ``linear-probe`` cell's run: the linear probe of its init (:func:`selftrain.transfer.probe_init`).
+
+    Nothing trains but the probe, which takes seconds, so a killed cell simply measures again.
+    """
+    from selftrain.engine import build_runtime
+    from selftrain.outputs import RunFolder
+    from selftrain.pipeline import prepare_data
+    from selftrain.transfer import probe_init
+
+    run = RunFolder(folder)
+    run.write_provenance(cfg)
+    runtime = build_runtime(cfg.engine)
+    rows = probe_init(cfg, run, prepare_data(cfg, run), runtime)
+    ResultsTable(run.results).add(rows)
+
+
 def run_cell(out: Path, base: dict[str, Any], cell: Cell) -> dict:
     """Runs (or resumes) one cell and writes its ``cell.json`` last; returns that record."""
     from selftrain.pipeline import run_pipeline
@@ -339,7 +373,10 @@ def run_cell(out: Path, base: dict[str, Any], cell: Cell) -> dict:
     start = time.time()
     cfg = cell_config(base, cell, out)
     reused = _reuse(out, cell) if cfg.student.rounds == 1 else {}
-    run_pipeline(cfg, folder)
+    if cell.method == "linear-probe":
+        _probe_init(cfg, folder)
+    else:
+        run_pipeline(cfg, folder)
     rows = _relabel(read_results(folder / "results.csv"), cell)
     record = {"id": cell.id, **cell.axes(), "seconds": round(time.time() - start, 2), "reused": reused,
               "rows": [r.as_dict() for r in rows]}  # fmt: skip
@@ -394,15 +431,24 @@ def _run_parallel(out: Path, cells: list[Cell], jobs: int) -> list[str]:
     return run_parallel(cells, jobs, lambda cell, threads: _spawn(out, cell, threads), lambda cell: cell_folder(out, cell))
 
 
-def _pretrain(out: Path, base: dict[str, Any], cells: list[Cell]) -> None:
-    """Runs each (init, seed) pretraining the cells need once, before the cells."""
+def _pretrain(out: Path, base: dict[str, Any], cells: list[Cell], threads: int) -> None:
+    """Runs each (init, seed) pretraining the cells need once, before the cells, with ``threads`` threads
+    (a cell's share of the CPU, as ``--dry-run`` times it: more threads than cores a process can use
+    well slow small networks down badly on a busy machine)."""
+    import torch
+
     from selftrain.pipeline import run_pipeline
 
-    for rel in dict.fromkeys(c.pretrain_run for c in cells if c.pretrain_run):
-        cell = next(c for c in cells if c.pretrain_run == rel)
-        if not (out / rel / PRETRAIN_EXPORT).exists():
-            log.info("study: pretraining %s", rel)
-            run_pipeline(pretrain_config(base, cell.init, cell.seed), out / rel)
+    previous = torch.get_num_threads()
+    try:
+        for rel in dict.fromkeys(c.pretrain_run for c in cells if c.pretrain_run):
+            cell = next(c for c in cells if c.pretrain_run == rel)
+            if not (out / rel / PRETRAIN_EXPORT).exists():
+                log.info("study: pretraining %s (%d threads)", rel, threads)
+                torch.set_num_threads(threads)
+                run_pipeline(pretrain_config(base, cell.init, cell.seed), out / rel)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _study_record(study: StudyConfig, base: dict[str, Any], cells: list[Cell]) -> dict:
@@ -444,8 +490,8 @@ def run_study(study: StudyConfig, base: dict[str, Any], out: str | Path, *, jobs
     # Methods in order, so a self-training cell finds the teacher of its finetune cell finished.
     todo = sorted((c for c in cells if finished(out, c) is None), key=lambda c: METHODS.index(c.method))
     log.info("study %s: %d cells, %d finished, %d to run", study.name, len(cells), len(cells) - len(todo), len(todo))
-    _pretrain(out, base, todo)
     jobs = jobs or study.jobs
+    _pretrain(out, base, todo, threads=max(1, (os.cpu_count() or 1) // jobs))
     failed: list[str] = []
     if jobs == 1:
         for i, cell in enumerate(todo, 1):

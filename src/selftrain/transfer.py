@@ -9,6 +9,10 @@ Protocols:
 
 ``linear`` and ``finetune`` are classification protocols (the config refuses them for dense tasks).
 
+:func:`probe_init` measures a run's *init* instead, before any training: the backbone that
+``model.weights`` names, or the random weights of the run's seed, frozen under the ``linear``
+protocol on the run's labeled split (a study's ``linear-probe`` cells).
+
 In a run, every model of the output folder is measured: the pretrain stage's backbone (method
 ``pretrain``; linear and finetune only), the teacher (method ``supervised``, round 0) and the
 student of each round (method ``self-training``). The ``init`` column says where the teacher's and
@@ -34,7 +38,7 @@ from selftrain.data import Source, build_source, labeled_subset
 from selftrain.engine import Runtime
 from selftrain.network import Network, load_network
 from selftrain.outputs import RunFolder, read_done
-from selftrain.results import ResultRow, ResultsTable
+from selftrain.results import PROBE_METHOD, ResultRow, ResultsTable
 from selftrain.tasks import build_task
 
 log = logging.getLogger("selftrain.transfer")
@@ -145,6 +149,32 @@ def measure(net: Network, cfg: Config, data, runtime: Runtime, folder: Path, nam
         tuned = finetune(net, cfg, data, runtime, folder / f"finetune-{name}")
         metrics.update({f"finetune.{k}": v for k, v in tuned.items()})
     return metrics
+
+
+def probe_init(cfg: Config, run: RunFolder, data, runtime: Runtime) -> list[ResultRow]:
+    """The linear probe of the run's init: how good are its features before any training?
+
+    The backbone is ``model.weights`` (``pretrain``: this run's exported backbone) or, without
+    weights, a random initialization drawn from the run's seed; a linear classifier is trained
+    on its frozen, standardized features of the labeled split (the teacher's images) and
+    measured on the test set. Rows: method ``linear-probe``, augment ``none`` (the probe sees
+    clean images), round 0, metrics ``linear.<metric>``; not written anywhere.
+    """
+    from selftrain.pretrain import init_name, resolve_weights
+    from selftrain.teach import network_spec
+
+    if data.test is None:
+        raise ValueError("transfer: the config has no held-out test set (data.test)")
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    net = Network(network_spec(cfg, data), weights=resolve_weights(cfg, run))
+    task = build_task(cfg.task, data.labeled)
+    probe = linear_probe(net, task, (data.labeled, data.labeled_idx), (data.test, data.test_idx), runtime,
+                         steps=cfg.transfer.steps, lr=cfg.transfer.linear_lr, seed=cfg.seed)  # fmt: skip
+    base = dict(stage="transfer", method=PROBE_METHOD, init=init_name(cfg), augment="none", task=cfg.task, dataset=cfg.data.test,
+                label_fraction=cfg.data.label_fraction, seed=cfg.seed, round=0, seconds=round(time.perf_counter() - start, 2))  # fmt: skip
+    log.info("transfer: linear probe of the init (%s): %s", init_name(cfg), ", ".join(f"{k} {v:.2f}" for k, v in probe.items()))
+    return [ResultRow(metric=f"linear.{k}", value=round(float(v), 4), **base) for k, v in probe.items()]
 
 
 def transfer(cfg: Config, run: RunFolder, data, runtime: Runtime) -> list[ResultRow]:
