@@ -106,7 +106,7 @@ def test_mediapipe_face_mesh_on_a_real_face_and_none_without_one():
 
 
 def test_face_teacher_specs_are_validated_with_clear_errors():
-    assert set(FACE_MODELS) == {"dlib:landmarks68", "dlib:landmarks5", "fer:emotion", "mediapipe:facemesh"}
+    assert set(FACE_MODELS) == {"dlib:landmarks68", "dlib:landmarks5", "dlib:embedding", "fer:emotion", "mediapipe:facemesh"}
     with pytest.raises(ConfigError, match=r"must.teachers.0.*dlib:landmarks99.*is not a face teacher"):
         build_config({}, ["must.teachers.0.task=keypoints", "must.teachers.0.spec=dlib:landmarks99"])
     with pytest.raises(ConfigError, match=r"teacher fer:emotion labels classification, not keypoints"):

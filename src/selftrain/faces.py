@@ -7,9 +7,10 @@ at several label fractions and k-shot subsets (seeded, nested: :func:`~selftrain
 :func:`~selftrain.data.kshot_subset`), with full fine-tuning (``finetune``) or a frozen backbone
 (``linear``: the head alone, a linear probe on pooled features; for landmarks the heatmap decoder),
 over several seeds; ``self-training`` cells add the teach -> label -> student stages at the given
-fractions (the pool is the task's labeled source outside its split). Each combination is a *cell*,
-a normal run folder whose ``cell.json`` is written last (the study's resume contract), run by
-:func:`selftrain.pipeline.run_pipeline`::
+fractions (the pool is the task's labeled source outside its split; a verification task has them
+only with an embedding teacher, ``label.teacher: dlib:embedding`` in its ``set``). Each
+combination is a *cell*, a normal run folder whose ``cell.json`` is written last (the study's
+resume contract), run by :func:`selftrain.pipeline.run_pipeline`::
 
     OUT/
       benchmark.json                       the config and its cells (written first)
@@ -32,6 +33,7 @@ In folder names ``:`` becomes ``-`` and ``#`` ``-n`` (``ssl-simclr@uncurated-n60
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -43,7 +45,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from selftrain.atomic import atomic_write_text
-from selftrain.config import FACE_TASKS, ConfigError, _Strict, apply_override, build_config, read_mapping
+from selftrain.config import FACE_TASKS, ConfigError, _Strict, apply_override, build_config, embedding_teacher, read_mapping
 from selftrain.face_pools import PretrainPoolConfig, check_pool_inits, expand_inits, parse_pool_init, pool_uri, prepare_pools
 from selftrain.results import ResultRow, ResultsTable, read_results
 
@@ -91,7 +93,8 @@ class FaceBenchmarkConfig(_Strict):
     label_fractions: list[float] = Field([1.0], description="seeded, nested label fractions")
     shots: list[int] = Field([], description="k-shot subsets (k per class; k images for regression sources)")
     protocols: list[Literal["finetune", "linear"]] = ["finetune"]
-    self_training: list[float] = Field([], description="label fractions with a self-training cell (not verification)")
+    self_training: list[float] = Field([], description="label fractions with a self-training cell (verification: only "
+                                       "with label.teacher: dlib:embedding in its set)")
     seeds: list[int] = Field([0], min_length=1)
     linear_set: list[str] = Field([], description="overrides of linear-probe cells, e.g. teach.optim.lr=0.05")
     jobs: int = Field(1, ge=1)
@@ -175,10 +178,21 @@ def plan(bench: FaceBenchmarkConfig) -> list[FaceCell]:
         for init in bench.all_inits:
             for split in splits:
                 protocols = list(bench.protocols)
-                if task.task != "verification" and split.startswith("f") and float(split[1:]) in bench.self_training:
+                if split.startswith("f") and float(split[1:]) in bench.self_training and self_trains(bench, task):
                     protocols.append("self-training")
                 cells += [FaceCell(task.name, init, split, p, s) for p in protocols for s in bench.seeds]
     return cells
+
+
+def self_trains(bench: FaceBenchmarkConfig, task: FaceTaskConfig) -> bool:
+    """Whether ``task`` has self-training cells: every task but verification, which has them only with
+    an embedding teacher (``label.teacher: dlib:embedding`` in its ``set`` or in ``base``)."""
+    if task.task != "verification":
+        return True
+    raw = copy.deepcopy(bench.base)
+    for override in task.set:
+        apply_override(raw, override)
+    return embedding_teacher(str((raw.get("label") or {}).get("teacher", "teach")))
 
 
 def _uri(uri: str, data: Path) -> str:

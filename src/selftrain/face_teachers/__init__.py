@@ -1,7 +1,8 @@
 """Face teachers from real pretrained models that ship inside Python packages (the ``faces`` extra).
 
 Each model is named by a teacher spec, usable as a MuST teacher (``must.teachers[i].spec``) and as
-the teacher of the single-task ``label`` stage (``label.teacher``):
+the teacher of the single-task ``label`` stage (``label.teacher``); ``dlib:embedding`` only as the
+latter, for the ``verification`` task (:mod:`selftrain.tasks.verification`: embedding distillation):
 
 =======================  ==============  =====================================================
 spec                     task            model (file inside an installed package)
@@ -9,6 +10,8 @@ spec                     task            model (file inside an installed package
 ``dlib:landmarks68``     keypoints (68)  dlib's iBUG 300-W shape predictor
                                          (``face_recognition_models``, + ``dlib-bin``)
 ``dlib:landmarks5``      keypoints (5)   dlib's 5-point shape predictor (eye corners, nose)
+``dlib:embedding``       verification    dlib's face recognition ResNet: 128 numbers per face,
+                         (128-d)         aligned by the 5-point predictor first
 ``fer:emotion``          classification  the FER2013 mini-Xception of ``fer`` (``.hdf5``), rebuilt
                          (7 classes)     in PyTorch (:mod:`.fer_model`); no TensorFlow
 ``mediapipe:facemesh``   keypoints (468) MediaPipe 0.10.21 legacy face mesh
@@ -46,7 +49,7 @@ class FaceModel:
 
     spec: str
     task: str  # a selftrain task name
-    outputs: int  # points (keypoints) or classes (classification)
+    outputs: int  # points (keypoints), classes (classification) or embedding width (verification)
     package: str  # the package that ships the weights
     files: tuple[str, ...]  # paths inside that package
     names: tuple[str, ...] = ()  # class names (classification)
@@ -61,6 +64,9 @@ FACE_MODELS: dict[str, FaceModel] = {
         # dlib's 5 points: 0-1 one eye's corners (outer, inner), 2-3 the other's, 4 under the nose.
         FaceModel("dlib:landmarks5", "keypoints", 5, "face_recognition_models",
                   ("models/shape_predictor_5_face_landmarks.dat",), flip_pairs=((0, 2), (1, 3))),
+        # dlib's face recognition ResNet: 128-d embeddings of a face aligned by the 5-point predictor.
+        FaceModel("dlib:embedding", "verification", 128, "face_recognition_models",
+                  ("models/dlib_face_recognition_resnet_model_v1.dat", "models/shape_predictor_5_face_landmarks.dat")),
         FaceModel("fer:emotion", "classification", 7, "fer", ("data/emotion_model.hdf5",),
                   names=("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")),
         FaceModel("mediapipe:facemesh", "keypoints", 468, "mediapipe",
@@ -128,9 +134,9 @@ def build_face_teacher(spec: str, face_box: str = "detect"):
         raise ValueError(f"face_box: {face_box!r} is not one of {' | '.join(FACE_BOXES)}")
     kind = spec.partition(":")[0]
     if kind == "dlib":
-        from selftrain.face_teachers.dlib_models import DlibLandmarks
+        from selftrain.face_teachers.dlib_models import DlibEmbedding, DlibLandmarks
 
-        return DlibLandmarks(model, face_box)
+        return DlibEmbedding(model, face_box) if model.task == "verification" else DlibLandmarks(model, face_box)
     if kind == "fer":
         from selftrain.face_teachers.dlib_models import FerEmotion
 

