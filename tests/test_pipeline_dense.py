@@ -351,3 +351,12 @@ def test_a_test_set_with_other_classes_is_refused(formats, tmp_path):
     cfg = build_config({}, format_overrides("segmentation", formats["coco"], formats["pool"], formats["voc-test"]))
     with pytest.raises(ValueError, match=r"data.test=.* has the classes \['class_1'.*'trouser'.*measured on the classes"):
         prepare_data(cfg, RunFolder(tmp_path))
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth", "keypoints", "detection"])
+def test_a_saved_dense_config_loads_back(task, tmp_path):
+    from selftrain.config import dump_config, load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(build_config({}, [f"task={task}"])))  # every default written out
+    assert dump_config(load_config(path)) == path.read_text()

@@ -597,7 +597,8 @@ class Config(_Strict):
         problems = []
         if self.label.balance or self.label.per_class is not None:
             problems.append(f"label.balance / label.per_class: class balancing is for classification, not {t}")
-        if {"temperature", "hard"} & self.label.model_fields_set and t != "emotion":
+        label_fields = type(self.label).model_fields  # changed values, not set keys: a saved config writes every default
+        if any(getattr(self.label, k) != label_fields[k].default for k in ("temperature", "hard")) and t != "emotion":
             problems.append(f"label.temperature / label.hard: classification options; {t} pseudo labels are "
                             "hard masks, teacher depth maps, scored boxes or points with confidences")  # fmt: skip
         if t in NO_CONFIDENCE_TASKS and self.label.threshold > 0:
