@@ -119,15 +119,15 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         p = pseudo(step)
         images = torch.cat([data.labeled.load_batch(h), data.pool.load_batch(pool_index[p.numpy()])])
         target = task.to_device(task.collate([task.load_targets(data.labeled, h), pseudo_targets[p]]), runtime.device)
-        x, target = task.augment(aug, runtime.images(images), target)
+        clean = runtime.images(images)
+        x, target = task.augment(aug, clean, target)
         with runtime.autocast():
             outputs = net(x)  # one forward pass, so batch norm sees human and pseudo images together
         per_sample = task.loss(outputs, target)
         loss_h, loss_p = per_sample[:nh].mean(), per_sample[nh:].mean()
         out = {"loss": combine(loss_h, loss_p), "loss_human": loss_h.detach(), "loss_pseudo": loss_p.detach()}
         if s.consistency > 0:
-            pool_images = runtime.images(images[len(h):])
-            loss_c, used = _consistency(net, pool_images, outputs[nh:], strong, runtime, s.consistency_threshold)
+            loss_c, used = _consistency(net, clean[nh:], outputs[nh:], strong, runtime, s.consistency_threshold)
             out["loss"] = out["loss"] + s.consistency * loss_c
             out["loss_consistency"], out["self_labeled"] = loss_c.detach(), used
         return out
