@@ -99,10 +99,15 @@ def test_a_larger_student_backbone_is_trained_exported_and_measured(small_idx, t
         run_pipeline(build_config({}, tiny_overrides(small_idx) + ["student.backbone=cnn-small", "student.init=teacher"]), tmp_path / "b")
 
 
-def test_consistency_student_logs_its_self_labels_and_resumes_to_the_same_weights(small_idx, tmp_path):
+@pytest.mark.parametrize(
+    "view",
+    [["student.consistency_augment=S2"], ["student.pool_augment=S2", "student.ema=0.9"]],
+    ids=["second-view", "shared-pool-view-ema"],
+)
+def test_consistency_student_logs_its_self_labels_and_resumes_to_the_same_weights(small_idx, tmp_path, view):
     from safetensors.torch import load_file
 
-    extra = ["student.consistency=1", "student.consistency_threshold=0.3", "student.consistency_augment=S2",
+    extra = ["student.consistency=1", "student.consistency_threshold=0.3", *view,
              "student.alpha_final=0", "student.loss=sum", "engine.threads=1"]  # fmt: skip
     cfg = build_config({}, tiny_overrides(small_idx) + extra)
     run_pipeline(cfg, tmp_path / "a")
@@ -119,6 +124,26 @@ def test_consistency_student_logs_its_self_labels_and_resumes_to_the_same_weight
     run_pipeline(cfg, tmp_path / "b", stages=["student"])
     a, b = load_file(tmp_path / "a/student/round-1/model.safetensors"), load_file(folder / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = load_file(folder / "checkpoints/step-0000030/model.safetensors")  # the last step's own weights
+    assert last.keys() == a.keys()
+    averaged = any(not torch.equal(a[k], last[k]) for k in a if a[k].is_floating_point())
+    assert averaged == ("student.ema=0.9" in view)  # with ema the export is the average, not the last step
+
+
+def test_the_exported_average_is_torchs_ema_of_the_steps_weights():
+    from selftrain.student import _weight_average
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = _weight_average(net, 0.5)
+    assert _weight_average(net, None) is None
+    for value in (1.0, 3.0, 5.0):
+        with torch.no_grad():
+            net[0].weight.fill_(value)
+            net[1].running_mean.fill_(value)
+        ema.update_parameters(net)
+    # first update copies, then w <- 0.5 w + 0.5 new: 1 -> 2 -> 3.5; buffers are averaged the same way
+    assert torch.allclose(ema.module[0].weight, torch.full((2, 2), 3.5))
+    assert torch.allclose(ema.module[1].running_mean, torch.full((2,), 3.5))
 
 
 def test_consistency_options_without_the_term_or_on_a_dense_task_are_errors(small_idx):

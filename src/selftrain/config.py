@@ -235,6 +235,10 @@ class StudentConfig(_Strict):
     human_batch_size: int = Field(32, ge=1)
     pseudo_batch_size: int = Field(224, ge=1)
     augment: Augment = Field("S1", description="S1 measured best on 28 px Fashion-MNIST; S3/S4 suit larger images")
+    pool_augment: Augment | None = Field(
+        None, description="augmentation of the pool (pseudo-labeled) images; None: student.augment. With the "
+        "consistency term and no consistency_augment, this one view carries both the teacher's and the student's labels",
+    )  # fmt: skip
     loss: Literal["normalized", "sum"] = Field(
         "normalized", description="normalized: Zoph et al. loss normalization; sum: L_h + alpha * L_p"
     )
@@ -257,6 +261,10 @@ class StudentConfig(_Strict):
     consistency_threshold: float = Field(0.95, gt=0, le=1, description="confidence a self-label needs")
     consistency_augment: Augment | None = Field(
         None, description="a second, stronger view for the consistency term; None: the pseudo batch's own view"
+    )
+    ema: float | None = Field(
+        None, ge=0, lt=1, description="decay of an exponential moving average of the student's weights (and "
+        "batch-norm statistics), exported instead of the last step's weights; None: off",
     )
     optim: OptimConfig = OptimConfig(lr=0.1)
 

@@ -12,7 +12,11 @@ FixMatch of Sohn et al. 2020): its own confident predictions on the clean pool i
 labels for strongly augmented views of them. With ``student.alpha_final: 0`` the teacher's
 labels fade out on a cosine, so the student leans on the teacher first and on its own, by then
 better, labels last: the student is no longer bound to its teacher's mistakes, which is what
-held it within a point of its pseudo labels' accuracy without the term.
+held it within a point of its pseudo labels' accuracy without the term. ``student.pool_augment``
+gives the pool images their own, stronger view (Noisy Student's strong noise on the pseudo
+labels only); with the consistency term and no ``consistency_augment`` that one view carries
+both the teacher's labels and the student's own, which costs one forward-backward pass less per
+step than a second view. ``student.ema`` exports an exponential moving average of the weights.
 """
 
 from __future__ import annotations
@@ -82,6 +86,15 @@ def _consistency(net, clean, view_logits, strong, runtime: Runtime, threshold: f
     return self_label_loss(view_logits, clean_logits, threshold)
 
 
+def _weight_average(net: Network, decay: float | None):
+    """torch's EMA of the parameters and buffers (batch-norm statistics), or None when off."""
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1) -> Path:
     """Trains the student of ``round_`` and returns the path of its weights."""
     folder = run.stage("student", round_)
@@ -105,22 +118,32 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
     if runtime.channels_last:
         net.to(memory_format=torch.channels_last)
     aug = BatchAugment(s.augment)
+    pool_aug = aug if s.pool_augment in (None, s.augment) else BatchAugment(s.pool_augment)
     ranks = runtime.ranks  # under torchrun each rank takes its share of both batches
     human = BatchIndices(len(data.labeled_idx), s.human_batch_size, seed, ranks, what="student.human_batch_size")
     pseudo = BatchIndices(len(pool_index), s.pseudo_batch_size, seed + 50, ranks, what="student.pseudo_batch_size")
     combine = LossNormalization(alpha=s.alpha, decay=s.average_decay, normalize=s.loss == "normalized")
     nh = human.share
     strong = BatchAugment(s.consistency_augment) if s.consistency_augment else None
+    ema = _weight_average(net, s.ema)
+    stateful = {"loss_normalization": combine} | ({"ema": ema} if ema is not None else {})
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         if s.alpha_final is not None:  # a function of the step alone, so a resumed run continues the same curve
             combine.alpha = cosine_weight(step, s.steps, s.alpha, s.alpha_final)
+        if ema is not None and step > 0:  # the weights after ``step`` updates: a resumed run averages the same ones
+            ema.update_parameters(net)
         h = data.labeled_idx[human(step).numpy()]
         p = pseudo(step)
         images = torch.cat([data.labeled.load_batch(h), data.pool.load_batch(pool_index[p.numpy()])])
         target = task.to_device(task.collate([task.load_targets(data.labeled, h), pseudo_targets[p]]), runtime.device)
         clean = runtime.images(images)
-        x, target = task.augment(aug, clean, target)
+        if pool_aug is aug:
+            x, target = task.augment(aug, clean, target)
+        else:  # collate is a concatenation, so the two parts can be augmented apart and joined again
+            x_h, t_h = task.augment(aug, clean[:nh], target[:nh])
+            x_p, t_p = task.augment(pool_aug, clean[nh:], target[nh:])
+            x, target = torch.cat([x_h, x_p]), task.collate([t_h, t_p])
         with runtime.autocast():
             outputs = net(x)  # one forward pass, so batch norm sees human and pseudo images together
         per_sample = task.loss(outputs, target)
@@ -134,9 +157,12 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
 
     result = fit(
         net, step_fn, steps=s.steps, optim=s.optim, engine=cfg.engine, out_dir=folder, seed=seed,
-        desc=f"student r{round_}", stateful={"loss_normalization": combine},
+        desc=f"student r{round_}", stateful=stateful,
     )  # fmt: skip
-    meta = {"spec": spec.__dict__, "stage": "student", "round": round_, "seconds": result.seconds, "seed": cfg.seed}
+    if ema is not None:
+        ema.update_parameters(net)  # the last step's weights join the average
+        net = ema.module
+    meta = {"spec": spec.__dict__, "stage": "student", "round": round_, "seconds": result.seconds, "seed": cfg.seed, "ema": s.ema}
     if ranks.rank == 0:
         export_model(weights, net, meta)
         done = {"seconds": result.seconds, "steps": s.steps, "pseudo_records": int(len(pool_index)), "bad_steps": result.bad_steps}
