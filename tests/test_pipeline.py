@@ -101,7 +101,7 @@ def test_a_larger_student_backbone_is_trained_exported_and_measured(small_idx, t
 
 @pytest.mark.parametrize(
     "view",
-    [["student.consistency_augment=S2"], ["student.pool_augment=S2", "student.ema=0.9"]],
+    [["student.consistency_augment=S2"], ["student.pool_augment=S2", "student.ema=0.9", "student.erase=0.5"]],
     ids=["second-view", "shared-pool-view-ema"],
 )
 def test_consistency_student_logs_its_self_labels_and_resumes_to_the_same_weights(small_idx, tmp_path, view):
@@ -128,6 +128,20 @@ def test_consistency_student_logs_its_self_labels_and_resumes_to_the_same_weight
     assert last.keys() == a.keys()
     averaged = any(not torch.equal(a[k], last[k]) for k in a if a[k].is_floating_point())
     assert averaged == ("student.ema=0.9" in view)  # with ema the export is the average, not the last step
+
+
+def test_random_erasing_blanks_one_patch_of_each_pool_image():
+    from selftrain.student import _eraser
+
+    assert _eraser(0.0) is None
+    torch.manual_seed(0)
+    images = torch.ones(16, 1, 28, 28)
+    erased = _eraser(1.0)(images)
+    blank = (erased == 0).flatten(1).float().mean(1)  # the share of each image that was erased
+    assert erased.shape == images.shape and torch.all(blank >= 0.015) and torch.all(blank <= 0.34)
+    assert torch.all((erased == 0) | (erased == 1))  # the rest is untouched
+    with pytest.raises(ValueError, match="student.erase"):
+        build_config({}, ["student.erase=1.5"])
 
 
 def test_the_exported_average_is_torchs_ema_of_the_steps_weights():

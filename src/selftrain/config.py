@@ -239,6 +239,10 @@ class StudentConfig(_Strict):
         None, description="augmentation of the pool (pseudo-labeled) images; None: student.augment. With the "
         "consistency term and no consistency_augment, this one view carries both the teacher's and the student's labels",
     )  # fmt: skip
+    erase: float = Field(
+        0.0, ge=0, le=1, description="probability of random erasing (Cutout) of each pool image's view, after "
+        "pool_augment and on the consistency view: a patch of 2-33% of the image set to 0; image only, targets stay",
+    )  # fmt: skip
     loss: Literal["normalized", "sum"] = Field(
         "normalized", description="normalized: Zoph et al. loss normalization; sum: L_h + alpha * L_p"
     )

@@ -26,7 +26,9 @@ log = logging.getLogger("selftrain.demo")
 #: the library's 1,200: the term makes a step about 2x dearer and `make demo` must fit 15 minutes.
 DEMO_RECIPE: dict = {
     "name": "demo",
-    "student": {"steps": 900, "init": "teacher", "consistency": 1.0, "consistency_augment": "S2", "alpha_final": 0.0},
+    "student": {
+        "steps": 1200, "init": "teacher", "pool_augment": "S2", "consistency": 1.0, "alpha_final": 0.0, "ema": 0.995,
+    },  # fmt: skip
 }
 
 

@@ -86,6 +86,15 @@ def _consistency(net, clean, view_logits, strong, runtime: Runtime, threshold: f
     return self_label_loss(view_logits, clean_logits, threshold)
 
 
+def _eraser(p: float):
+    """kornia's random erasing (Cutout of DeVries & Taylor 2017, part of FixMatch's strong view), or None."""
+    if p == 0:
+        return None
+    import kornia.augmentation as K
+
+    return K.RandomErasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0.0, p=p)
+
+
 def _weight_average(net: Network, decay: float | None):
     """torch's EMA of the parameters and buffers (batch-norm statistics), or None when off."""
     if decay is None:
@@ -119,12 +128,15 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         net.to(memory_format=torch.channels_last)
     aug = BatchAugment(s.augment)
     pool_aug = aug if s.pool_augment in (None, s.augment) else BatchAugment(s.pool_augment)
+    erase = _eraser(s.erase)
     ranks = runtime.ranks  # under torchrun each rank takes its share of both batches
     human = BatchIndices(len(data.labeled_idx), s.human_batch_size, seed, ranks, what="student.human_batch_size")
     pseudo = BatchIndices(len(pool_index), s.pseudo_batch_size, seed + 50, ranks, what="student.pseudo_batch_size")
     combine = LossNormalization(alpha=s.alpha, decay=s.average_decay, normalize=s.loss == "normalized")
     nh = human.share
     strong = BatchAugment(s.consistency_augment) if s.consistency_augment else None
+    if strong is not None and erase is not None:
+        strong = torch.nn.Sequential(strong, erase)
     ema = _weight_average(net, s.ema)
     stateful = {"loss_normalization": combine} | ({"ema": ema} if ema is not None else {})
 
@@ -138,11 +150,13 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         images = torch.cat([data.labeled.load_batch(h), data.pool.load_batch(pool_index[p.numpy()])])
         target = task.to_device(task.collate([task.load_targets(data.labeled, h), pseudo_targets[p]]), runtime.device)
         clean = runtime.images(images)
-        if pool_aug is aug:
+        if pool_aug is aug and erase is None:
             x, target = task.augment(aug, clean, target)
         else:  # collate is a concatenation, so the two parts can be augmented apart and joined again
             x_h, t_h = task.augment(aug, clean[:nh], target[:nh])
             x_p, t_p = task.augment(pool_aug, clean[nh:], target[nh:])
+            if erase is not None:
+                x_p = erase(x_p)
             x, target = torch.cat([x_h, x_p]), task.collate([t_h, t_p])
         with runtime.autocast():
             outputs = net(x)  # one forward pass, so batch norm sees human and pseudo images together
