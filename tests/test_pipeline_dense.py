@@ -54,7 +54,8 @@ def scenes():
 @pytest.mark.parametrize("task", DENSE)
 def test_cli_runs_a_dense_task_end_to_end_with_a_report(task, tmp_path):
     out = tmp_path / "run"
-    # The pool's own view (S3) beside the human images' S4: targets move with each part's transform.
+    # The pool's own view (S3) beside the human images' S4: the student's split augmentation path runs for
+    # every dense task (alignment of targets under each transform: test_augment_dense.py).
     sets = [a for o in dense_overrides(task) + ["student.pool_augment=S3"] for a in ("--set", o)]
     result = runner.invoke(app, ["run", "--out", str(out), *sets], catch_exceptions=False)
     assert result.exit_code == 0, result.output
