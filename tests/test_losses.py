@@ -63,6 +63,36 @@ def test_self_labels_carry_no_gradient_to_the_clean_predictions():
     assert clean.grad is None and view.grad is not None
 
 
+def test_distribution_alignment_matches_hand_computed_values():
+    from selftrain.losses import DistributionAlignment, self_label_loss
+
+    align = DistributionAlignment(torch.tensor([1.0, 1.0]), decay=0.5)  # prior [0.5, 0.5]
+    first = torch.tensor([[0.8, 0.2], [0.6, 0.4]])  # running mean [0.7, 0.3]
+    # image 0: [0.8 * 0.5/0.7, 0.2 * 0.5/0.3] = [0.5714, 0.3333], normalized [0.6316, 0.3684]
+    assert torch.allclose(align(first), torch.tensor([[12 / 19, 7 / 19], [9 / 23, 14 / 23]]), atol=1e-6)
+    align(torch.tensor([[0.1, 0.9]]))  # running <- 0.5 [0.7, 0.3] + 0.5 [0.1, 0.9] = [0.4, 0.6]
+    assert torch.allclose(align.running, torch.tensor([0.4, 0.6], dtype=torch.float64))
+    align.eval()  # in eval mode it aligns without learning
+    assert torch.allclose(align(torch.tensor([[0.4, 0.6]])), torch.tensor([[0.5, 0.5]]))
+    assert align.count.item() == 2
+    again = DistributionAlignment(torch.tensor([1.0, 1.0]))
+    again.load_state_dict(align.state_dict())  # checkpointed with the run
+    assert torch.equal(again.running, align.running) and again.count.item() == 2
+    # In self_label_loss: a pool predicted as class 0 on average; the unsure image 1 tips to class 1.
+    fresh = DistributionAlignment(torch.tensor([1.0, 1.0]))
+    clean = torch.tensor([[0.9, 0.1], [0.55, 0.45]]).log()  # logits whose softmax is these probabilities
+    _, kept = self_label_loss(torch.zeros(2, 2), clean, threshold=0.5)
+    assert kept.item() == 1.0
+    view = torch.tensor([[0.0, 0.0], [0.0, 2.0]])
+    loss, kept = self_label_loss(view, clean, threshold=0.5, align=fresh)
+    # running [0.725, 0.275]; image 1 -> [0.55/0.725, 0.45/0.275] normalized = [0.317, 0.683]: label 1
+    assert kept.item() == 1.0
+    expected = (-torch.log_softmax(view[0], 0)[0] - torch.log_softmax(view[1], 0)[1]) / 2
+    assert loss.item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError, match="the prior must be a positive vector"):
+        DistributionAlignment(torch.tensor([1.0, 0.0]))
+
+
 def test_cosine_weight_runs_from_start_to_end():
     from selftrain.losses import cosine_weight
 

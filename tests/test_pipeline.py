@@ -101,7 +101,10 @@ def test_a_larger_student_backbone_is_trained_exported_and_measured(small_idx, t
 
 @pytest.mark.parametrize(
     "view",
-    [["student.consistency_augment=S2"], ["student.pool_augment=S2", "student.ema=0.9", "student.erase=0.5"]],
+    [
+        ["student.consistency_augment=S2"],
+        ["student.pool_augment=S2", "student.ema=0.9", "student.erase=0.5", "student.consistency_align=true"],
+    ],
     ids=["second-view", "shared-pool-view-ema"],
 )
 def test_consistency_student_logs_its_self_labels_and_resumes_to_the_same_weights(small_idx, tmp_path, view):
@@ -163,8 +166,24 @@ def test_the_exported_average_is_torchs_ema_of_the_steps_weights():
 def test_consistency_options_without_the_term_or_on_a_dense_task_are_errors(small_idx):
     with pytest.raises(ValueError, match="student.consistency_augment: options of the consistency term, which is off"):
         build_config({}, tiny_overrides(small_idx) + ["student.consistency_augment=S2"])
+    with pytest.raises(ValueError, match="student.consistency_align: options of the consistency term, which is off"):
+        build_config({}, tiny_overrides(small_idx) + ["student.consistency_align=true"])
     with pytest.raises(ValueError, match="student.consistency: the self-label term is for classification, not depth"):
         build_config({}, ["task=depth", "student.consistency=1"])
+
+
+def test_alignment_prior_is_the_labeled_splits_class_frequencies():
+    from types import SimpleNamespace
+
+    from selftrain.student import _alignment
+    from selftrain.tasks.classification import Classification
+
+    labels = np.array([0, 0, 1, 2, 2, 2, 1, -1])
+    data = SimpleNamespace(labeled=SimpleNamespace(labels=labels), labeled_idx=np.array([0, 1, 2, 3, 4, 5, 7]))
+    align = _alignment(data, Classification(3))  # image 7 is unlabeled (-1), image 6 outside the split
+    assert torch.allclose(align.prior, torch.tensor([2 / 6, 1 / 6, 3 / 6], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"classes \[3\] have no labeled image"):
+        _alignment(data, Classification(4))
 
 
 def _write_folder(root: Path, images: np.ndarray, labels: np.ndarray | None, classes: list[str]) -> None:

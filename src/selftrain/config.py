@@ -266,6 +266,10 @@ class StudentConfig(_Strict):
     consistency_augment: Augment | None = Field(
         None, description="a second, stronger view for the consistency term; None: the pseudo batch's own view"
     )
+    consistency_align: bool = Field(
+        False, description="distribution alignment (ReMixMatch) of the self-labels: predictions on the pool are "
+        "scaled by the labeled split's class frequencies over their running mean, so no class is starved of labels",
+    )  # fmt: skip
     ema: float | None = Field(
         None, ge=0, lt=1, description="decay of an exponential moving average of the student's weights (and "
         "batch-norm statistics), exported instead of the last step's weights; None: off",
@@ -276,7 +280,7 @@ class StudentConfig(_Strict):
     def _consistency_options(self) -> StudentConfig:
         # Values other than the defaults: a saved config writes every default out and must load back.
         fields = type(self).model_fields
-        unused = [k for k in ("consistency_threshold", "consistency_augment") if getattr(self, k) != fields[k].default]
+        unused = [k for k in ("consistency_threshold", "consistency_augment", "consistency_align") if getattr(self, k) != fields[k].default]
         if self.consistency == 0 and unused:
             keys = ", ".join(f"student.{k}" for k in sorted(unused))
             raise ValueError(f"{keys}: options of the consistency term, which is off (student.consistency=0)")

@@ -56,13 +56,16 @@ class LossNormalization(nn.Module):
         return (loss_human + self.alpha * scale * loss_pseudo) / (1 + self.alpha)
 
 
-def self_label_loss(logits: torch.Tensor, clean_logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def self_label_loss(
+    logits: torch.Tensor, clean_logits: torch.Tensor, threshold: float, align: DistributionAlignment | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """FixMatch's unlabeled term (Sohn et al. 2020) for classification.
 
     The model's own prediction on a clean (or weakly augmented) image becomes a hard label for an
     augmented view of it, where that prediction's confidence reaches ``threshold``:
     ``mean_i 1[max p_i >= t] * CE(logits_i, argmax p_i)`` with ``p = softmax(clean_logits)``,
-    averaged over all images, kept or not. Returns the loss and the fraction kept.
+    averaged over all images, kept or not. With ``align``, ``p`` is first distribution-aligned
+    (:class:`DistributionAlignment`). Returns the loss and the fraction kept.
 
     Example:
         >>> clean = torch.tensor([[4.0, 0.0], [0.1, 0.0]])  # confident / unsure
@@ -70,10 +73,53 @@ def self_label_loss(logits: torch.Tensor, clean_logits: torch.Tensor, threshold:
         >>> round(loss.item(), 4), kept.item()  # ln(2) / 2: one image of two kept
         (0.3466, 0.5)
     """
-    confidence, label = clean_logits.detach().float().softmax(dim=1).max(dim=1)
+    probs = clean_logits.detach().float().softmax(dim=1)
+    if align is not None:
+        probs = align(probs)
+    confidence, label = probs.max(dim=1)
     keep = (confidence >= threshold).float()
     ce = F.cross_entropy(logits.float(), label, reduction="none")
     return (ce * keep).mean(), keep.mean()
+
+
+class DistributionAlignment(nn.Module):
+    """Distribution alignment (Berthelot et al. 2020, ReMixMatch §3.2) of the self-labels.
+
+    A model's predictions on the pool drift towards the classes it finds easy: the classes it
+    confuses with them get few confident self-labels and are learned ever less. Alignment scales
+    each prediction by ``prior / running``, where ``prior`` is the labeled split's class
+    distribution and ``running`` an exponential moving average (``decay``) of the mean prediction
+    on the pool batches, and renormalizes: ``p~ = normalize(p * prior / running)``.
+
+    ``running`` starts as the first batch's mean and is a buffer, so it is checkpointed and a
+    resumed run continues with the same value; under torchrun it follows the global batch.
+
+    Example:
+        >>> align = DistributionAlignment(torch.tensor([0.5, 0.5]))
+        >>> align(torch.tensor([[0.8, 0.2], [0.6, 0.4]]))  # running mean [0.7, 0.3]: class 0 is damped
+        tensor([[0.6316, 0.3684],
+                [0.3913, 0.6087]])
+    """
+
+    def __init__(self, prior: torch.Tensor, decay: float = 0.99) -> None:
+        super().__init__()
+        if prior.ndim != 1 or (prior <= 0).any():
+            raise ValueError(f"distribution alignment: the prior must be a positive vector, got {prior.tolist()}")
+        self.decay = decay
+        self.register_buffer("prior", (prior / prior.sum()).double())
+        self.register_buffer("running", torch.zeros_like(self.prior))
+        self.register_buffer("count", torch.tensor(0, dtype=torch.int64))
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            mean = mean_over_ranks(probs.detach().double().mean(dim=0))
+            if self.count == 0:
+                self.running.copy_(mean)
+            else:
+                self.running.mul_(self.decay).add_((1 - self.decay) * mean)
+            self.count += 1
+        aligned = probs * (self.prior / self.running.clamp_min(1e-12)).to(probs.dtype)
+        return aligned / aligned.sum(dim=1, keepdim=True)
 
 
 def cosine_weight(step: int, steps: int, start: float, end: float) -> float:

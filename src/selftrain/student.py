@@ -34,7 +34,7 @@ from selftrain.atomic import atomic_write_text
 from selftrain.checkpoint import read_state_dict
 from selftrain.config import Config
 from selftrain.engine import BatchIndices, Runtime, export_model, fit
-from selftrain.losses import LossNormalization, cosine_weight, self_label_loss
+from selftrain.losses import DistributionAlignment, LossNormalization, cosine_weight, self_label_loss
 from selftrain.network import Network
 from selftrain.outputs import RunFolder
 from selftrain.pretrain import resolve_weights
@@ -72,9 +72,10 @@ def _initial_weights(net: Network, init: str, run: RunFolder, round_: int) -> No
     log.info("student: initialized from %s", path)
 
 
-def _consistency(net, clean, view_logits, strong, runtime: Runtime, threshold: float):
+def _consistency(net, clean, view_logits, strong, runtime: Runtime, threshold: float, align=None):
     """The FixMatch term on the pool batch: self-labels from the clean images, in eval mode (no
-    dropout noise, no batch-norm update), for ``view_logits`` or, with ``strong``, a new view."""
+    dropout noise, no batch-norm update), distribution-aligned with ``align``, for ``view_logits``
+    or, with ``strong``, a new view."""
     was_training = net.training
     net.eval()
     with torch.no_grad(), runtime.autocast():
@@ -83,7 +84,7 @@ def _consistency(net, clean, view_logits, strong, runtime: Runtime, threshold: f
     if strong is not None:
         with runtime.autocast():
             view_logits = net(strong(clean))
-    return self_label_loss(view_logits, clean_logits, threshold)
+    return self_label_loss(view_logits, clean_logits, threshold, align)
 
 
 def _eraser(p: float):
@@ -102,6 +103,16 @@ def _weight_average(net: Network, decay: float | None):
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _alignment(data, task) -> DistributionAlignment:
+    """Distribution alignment towards the labeled split's class frequencies."""
+    labels = data.labeled.labels[data.labeled_idx]
+    counts = np.bincount(labels[labels >= 0], minlength=task.num_classes)[: task.num_classes]
+    if (counts == 0).any():
+        missing = np.flatnonzero(counts == 0).tolist()
+        raise ValueError(f"student.consistency_align: classes {missing} have no labeled image, so their prior is 0")
+    return DistributionAlignment(torch.as_tensor(counts, dtype=torch.float64))
 
 
 def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1) -> Path:
@@ -138,7 +149,9 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
     if strong is not None and erase is not None:
         strong = torch.nn.Sequential(strong, erase)
     ema = _weight_average(net, s.ema)
+    align = _alignment(data, task) if s.consistency_align else None
     stateful = {"loss_normalization": combine} | ({"ema": ema} if ema is not None else {})
+    stateful |= {"distribution_alignment": align} if align is not None else {}
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         if s.alpha_final is not None:  # a function of the step alone, so a resumed run continues the same curve
@@ -164,7 +177,9 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         loss_h, loss_p = per_sample[:nh].mean(), per_sample[nh:].mean()
         out = {"loss": combine(loss_h, loss_p), "loss_human": loss_h.detach(), "loss_pseudo": loss_p.detach()}
         if s.consistency > 0:
-            loss_c, used = _consistency(net, clean[nh:], outputs[nh:], strong, runtime, s.consistency_threshold)
+            loss_c, used = _consistency(
+                net, clean[nh:], outputs[nh:], strong, runtime, s.consistency_threshold, align
+            )  # fmt: skip
             out["loss"] = out["loss"] + s.consistency * loss_c
             out["loss_consistency"], out["self_labeled"] = loss_c.detach(), used
         return out
