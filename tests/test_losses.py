@@ -81,9 +81,10 @@ def test_distribution_alignment_matches_hand_computed_values():
     # In self_label_loss: a pool predicted as class 0 on average; the unsure image 1 tips to class 1.
     fresh = DistributionAlignment(torch.tensor([1.0, 1.0]))
     clean = torch.tensor([[0.9, 0.1], [0.55, 0.45]]).log()  # logits whose softmax is these probabilities
-    _, kept = self_label_loss(torch.zeros(2, 2), clean, threshold=0.5)
-    assert kept.item() == 1.0
     view = torch.tensor([[0.0, 0.0], [0.0, 2.0]])
+    loss, kept = self_label_loss(view, clean, threshold=0.5)  # unaligned: both images labeled class 0
+    assert kept.item() == 1.0
+    assert loss.item() == pytest.approx((-torch.log_softmax(view, 1)[:, 0]).mean().item())
     loss, kept = self_label_loss(view, clean, threshold=0.5, align=fresh)
     # running [0.725, 0.275]; image 1 -> [0.55/0.725, 0.45/0.275] normalized = [0.317, 0.683]: label 1
     assert kept.item() == 1.0
