@@ -94,6 +94,34 @@ def test_distribution_alignment_matches_hand_computed_values():
         DistributionAlignment(torch.tensor([1.0, 0.0]))
 
 
+def test_adaptive_thresholds_match_hand_computed_values():
+    from selftrain.losses import AdaptiveThreshold, self_label_loss
+
+    thresholds = AdaptiveThreshold(num_classes=2, decay=0.5)
+    # first batch: tau = mean max prob = (0.9 + 0.7) / 2 = 0.8; class means [0.8, 0.2] -> [0.8, 0.2]
+    assert torch.allclose(thresholds(torch.tensor([[0.9, 0.1], [0.7, 0.3]])), torch.tensor([0.8, 0.2]))
+    # second: max probs 0.6 -> tau 0.5 * 0.8 + 0.5 * 0.6 = 0.7; means 0.5 [0.8, 0.2] + 0.5 [0.4, 0.6] = [0.6, 0.4]
+    out = thresholds(torch.tensor([[0.4, 0.6]]))
+    assert torch.allclose(out, torch.tensor([0.7, 0.7 * 0.4 / 0.6]))
+    thresholds.eval()  # in eval mode it reads without learning
+    assert torch.allclose(thresholds(torch.tensor([[1.0, 0.0]])), out) and thresholds.count.item() == 2
+    again = AdaptiveThreshold(num_classes=2)
+    again.load_state_dict(thresholds.state_dict())  # checkpointed with the run
+    assert again.tau.item() == pytest.approx(0.7) and torch.equal(again.class_mean, thresholds.class_mean)
+    # In self_label_loss each image meets its own class's threshold. Batch mean max prob 0.6875 = tau;
+    # class means [0.6375, 0.3625] -> thresholds [0.6875, 0.391]: the class-1 image at 0.6 is kept,
+    # the class-0 images at 0.65 and 0.6 are not; a fixed 0.95 would keep none of the four.
+    clean = torch.tensor([[0.65, 0.35], [0.4, 0.6], [0.9, 0.1], [0.6, 0.4]]).log()
+    view = torch.tensor([[0.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 0.0]])
+    loss, kept = self_label_loss(view, clean, threshold=AdaptiveThreshold(num_classes=2))
+    assert kept.item() == pytest.approx(0.5)  # images 1 and 2 (class 0 at 0.9)
+    expected = (-torch.log_softmax(view[1], 0)[1] - torch.log_softmax(view[2], 0)[0]) / 4
+    assert loss.item() == pytest.approx(expected.item())
+    assert self_label_loss(view, clean, threshold=0.95)[1].item() == 0.0
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        AdaptiveThreshold(num_classes=1)
+
+
 def test_cosine_weight_runs_from_start_to_end():
     from selftrain.losses import cosine_weight
 

@@ -104,13 +104,15 @@ def test_a_larger_student_backbone_is_trained_exported_and_measured(small_idx, t
     [
         ["student.consistency_augment=S2"],
         ["student.pool_augment=S2", "student.ema=0.9", "student.erase=0.5", "student.consistency_align=true"],
+        ["student.consistency_threshold=adaptive"],
     ],
-    ids=["second-view", "shared-pool-view-ema"],
+    ids=["second-view", "shared-pool-view-ema", "adaptive-threshold"],
 )
 def test_consistency_student_logs_its_self_labels_and_resumes_to_the_same_weights(small_idx, tmp_path, view):
     from safetensors.torch import load_file
 
-    extra = ["student.consistency=1", "student.consistency_threshold=0.3", *view,
+    threshold = [] if "student.consistency_threshold=adaptive" in view else ["student.consistency_threshold=0.3"]
+    extra = ["student.consistency=1", *threshold, *view,
              "student.alpha_final=0", "student.loss=sum", "engine.threads=1"]  # fmt: skip
     cfg = build_config({}, tiny_overrides(small_idx) + extra)
     run_pipeline(cfg, tmp_path / "a")
@@ -168,6 +170,12 @@ def test_consistency_options_without_the_term_or_on_a_dense_task_are_errors(smal
         build_config({}, tiny_overrides(small_idx) + ["student.consistency_augment=S2"])
     with pytest.raises(ValueError, match="student.consistency_align: options of the consistency term, which is off"):
         build_config({}, tiny_overrides(small_idx) + ["student.consistency_align=true"])
+    with pytest.raises(ValueError, match="student.consistency_threshold: options of the consistency term, which is off"):
+        build_config({}, tiny_overrides(small_idx) + ["student.consistency_threshold=adaptive"])
+    with pytest.raises(ValueError, match=r"student.consistency_threshold: 1.5 is not in \(0, 1\]"):
+        build_config({}, tiny_overrides(small_idx) + ["student.consistency=1", "student.consistency_threshold=1.5"])
+    with pytest.raises(ValueError, match="student.consistency_threshold"):
+        build_config({}, tiny_overrides(small_idx) + ["student.consistency=1", "student.consistency_threshold=sometimes"])
     with pytest.raises(ValueError, match="student.consistency: the self-label term is for classification, not depth"):
         build_config({}, ["task=depth", "student.consistency=1"])
 

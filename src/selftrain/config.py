@@ -262,7 +262,10 @@ class StudentConfig(_Strict):
         0.0, ge=0, description="weight of the FixMatch-style term (classification): the student's own confident "
         "predictions on the clean pool images are targets for its augmented views; 0: off",
     )  # fmt: skip
-    consistency_threshold: float = Field(0.95, gt=0, le=1, description="confidence a self-label needs")
+    consistency_threshold: float | Literal["adaptive"] = Field(
+        0.95, description="confidence a self-label needs (0 < t <= 1); adaptive: FreeMatch's self-adaptive "
+        "per-class thresholds, the moving average of the pool's mean confidence scaled by each class's share",
+    )  # fmt: skip
     consistency_augment: Augment | None = Field(
         None, description="a second, stronger view for the consistency term; None: the pseudo batch's own view"
     )
@@ -279,6 +282,9 @@ class StudentConfig(_Strict):
     @model_validator(mode="after")
     def _consistency_options(self) -> StudentConfig:
         # Values other than the defaults: a saved config writes every default out and must load back.
+        t = self.consistency_threshold
+        if not isinstance(t, str) and not 0 < t <= 1:
+            raise ValueError(f"student.consistency_threshold: {t} is not in (0, 1] (or 'adaptive')")
         fields = type(self).model_fields
         unused = [k for k in ("consistency_threshold", "consistency_augment", "consistency_align") if getattr(self, k) != fields[k].default]
         if self.consistency == 0 and unused:

@@ -57,7 +57,10 @@ class LossNormalization(nn.Module):
 
 
 def self_label_loss(
-    logits: torch.Tensor, clean_logits: torch.Tensor, threshold: float, align: DistributionAlignment | None = None
+    logits: torch.Tensor,
+    clean_logits: torch.Tensor,
+    threshold: float | AdaptiveThreshold,
+    align: DistributionAlignment | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FixMatch's unlabeled term (Sohn et al. 2020) for classification.
 
@@ -65,7 +68,8 @@ def self_label_loss(
     augmented view of it, where that prediction's confidence reaches ``threshold``:
     ``mean_i 1[max p_i >= t] * CE(logits_i, argmax p_i)`` with ``p = softmax(clean_logits)``,
     averaged over all images, kept or not. With ``align``, ``p`` is first distribution-aligned
-    (:class:`DistributionAlignment`). Returns the loss and the fraction kept.
+    (:class:`DistributionAlignment`); an :class:`AdaptiveThreshold` as ``threshold`` gives each
+    image the threshold of its label's class. Returns the loss and the fraction kept.
 
     Example:
         >>> clean = torch.tensor([[4.0, 0.0], [0.1, 0.0]])  # confident / unsure
@@ -77,6 +81,8 @@ def self_label_loss(
     if align is not None:
         probs = align(probs)
     confidence, label = probs.max(dim=1)
+    if isinstance(threshold, AdaptiveThreshold):
+        threshold = threshold(probs)[label]
     keep = (confidence >= threshold).float()
     ce = F.cross_entropy(logits.float(), label, reduction="none")
     return (ce * keep).mean(), keep.mean()
@@ -120,6 +126,49 @@ class DistributionAlignment(nn.Module):
             self.count += 1
         aligned = probs * (self.prior / self.running.clamp_min(1e-12)).to(probs.dtype)
         return aligned / aligned.sum(dim=1, keepdim=True)
+
+
+class AdaptiveThreshold(nn.Module):
+    """Self-adaptive thresholds of FreeMatch (Wang et al. 2023, §3.2) for the self-labels.
+
+    A fixed threshold (0.95) keeps few self-labels early in training and starves the classes the
+    model is unsure of all along. FreeMatch follows the model instead: a global threshold ``tau``,
+    the exponential moving average (``decay``) of the pool batches' mean confidence, scaled per
+    class by ``m_c / max(m)``, where ``m`` is the moving average of their mean prediction. A class
+    the model predicts with less probability mass gets a lower threshold. Calling it with a batch
+    of probabilities updates the averages (in training mode) and returns the K thresholds.
+
+    The averages start at the first batch's values (the student usually starts from its teacher,
+    not from chance as in the paper) and are buffers, so a resumed run continues with them;
+    under torchrun they follow the global batch.
+
+    Example:
+        >>> thresholds = AdaptiveThreshold(num_classes=2)
+        >>> thresholds(torch.tensor([[0.9, 0.1], [0.7, 0.3]]))  # tau 0.8; m = [0.8, 0.2]
+        tensor([0.8000, 0.2000])
+    """
+
+    def __init__(self, num_classes: int, decay: float = 0.99) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"adaptive thresholds need at least 2 classes, got {num_classes}")
+        self.decay = decay
+        self.register_buffer("tau", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("class_mean", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(0, dtype=torch.int64))
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            p = probs.detach().double()
+            stats = mean_over_ranks(torch.cat([p.max(dim=1).values.mean().view(1), p.mean(dim=0)]))
+            if self.count == 0:
+                self.tau.copy_(stats[0])
+                self.class_mean.copy_(stats[1:])
+            else:
+                self.tau.mul_(self.decay).add_((1 - self.decay) * stats[0])
+                self.class_mean.mul_(self.decay).add_((1 - self.decay) * stats[1:])
+            self.count += 1
+        return (self.tau * self.class_mean / self.class_mean.max().clamp_min(1e-12)).to(probs.dtype)
 
 
 def cosine_weight(step: int, steps: int, start: float, end: float) -> float:

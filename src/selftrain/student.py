@@ -34,7 +34,7 @@ from selftrain.atomic import atomic_write_text
 from selftrain.checkpoint import read_state_dict
 from selftrain.config import Config
 from selftrain.engine import BatchIndices, Runtime, export_model, fit
-from selftrain.losses import DistributionAlignment, LossNormalization, cosine_weight, self_label_loss
+from selftrain.losses import AdaptiveThreshold, DistributionAlignment, LossNormalization, cosine_weight, self_label_loss
 from selftrain.network import Network
 from selftrain.outputs import RunFolder
 from selftrain.pretrain import resolve_weights
@@ -72,7 +72,7 @@ def _initial_weights(net: Network, init: str, run: RunFolder, round_: int) -> No
     log.info("student: initialized from %s", path)
 
 
-def _consistency(net, clean, view_logits, strong, runtime: Runtime, threshold: float, align=None):
+def _consistency(net, clean, view_logits, strong, runtime: Runtime, threshold, align=None):
     """The FixMatch term on the pool batch: self-labels from the clean images, in eval mode (no
     dropout noise, no batch-norm update), distribution-aligned with ``align``, for ``view_logits``
     or, with ``strong``, a new view."""
@@ -150,8 +150,11 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         strong = torch.nn.Sequential(strong, erase)
     ema = _weight_average(net, s.ema)
     align = _alignment(data, task) if s.consistency_align else None
+    adaptive = s.consistency_threshold == "adaptive"
+    threshold = AdaptiveThreshold(task.num_classes) if adaptive else s.consistency_threshold
     stateful = {"loss_normalization": combine} | ({"ema": ema} if ema is not None else {})
     stateful |= {"distribution_alignment": align} if align is not None else {}
+    stateful |= {"adaptive_threshold": threshold} if adaptive else {}
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         if s.alpha_final is not None:  # a function of the step alone, so a resumed run continues the same curve
@@ -178,7 +181,7 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         out = {"loss": combine(loss_h, loss_p), "loss_human": loss_h.detach(), "loss_pseudo": loss_p.detach()}
         if s.consistency > 0:
             loss_c, used = _consistency(
-                net, clean[nh:], outputs[nh:], strong, runtime, s.consistency_threshold, align
+                net, clean[nh:], outputs[nh:], strong, runtime, threshold, align
             )  # fmt: skip
             out["loss"] = out["loss"] + s.consistency * loss_c
             out["loss_consistency"], out["self_labeled"] = loss_c.detach(), used
