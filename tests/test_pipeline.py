@@ -176,8 +176,11 @@ def test_consistency_options_without_the_term_or_on_a_dense_task_are_errors(smal
         build_config({}, tiny_overrides(small_idx) + ["student.consistency=1", "student.consistency_threshold=1.5"])
     with pytest.raises(ValueError, match="student.consistency_threshold"):
         build_config({}, tiny_overrides(small_idx) + ["student.consistency=1", "student.consistency_threshold=sometimes"])
-    with pytest.raises(ValueError, match="student.consistency: the self-label term is for classification, not depth"):
+    with pytest.raises(ValueError, match="student.consistency: the self-label term is for classification and segmentation, not depth"):
         build_config({}, ["task=depth", "student.consistency=1"])
+    build_config({}, ["task=segmentation", "student.consistency=1", "student.consistency_threshold=0.9"])
+    with pytest.raises(ValueError, match="class-frequency options of the image-level self-labels"):
+        build_config({}, ["task=segmentation", "student.consistency=1", "student.consistency_align=true"])
 
 
 def test_alignment_prior_is_the_labeled_splits_class_frequencies():
@@ -245,3 +248,35 @@ def test_the_demo_recipe_in_code_is_the_shipped_demo_config():
 
     shipped = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
     assert dump_config(build_config(DEMO_RECIPE)) == dump_config(shipped)
+
+
+def test_segmentation_self_labels_follow_the_views_geometry():
+    import kornia.augmentation as K
+
+    from selftrain.augment import BatchAugment
+    from selftrain.engine import Runtime
+    from selftrain.student import _mask_consistency
+    from selftrain.tasks.segmentation import Segmentation
+
+    class Pointwise(torch.nn.Module):  # logits from each pixel alone: a flip of the image flips the prediction
+        def forward(self, x):
+            return torch.cat([8 * (0.5 - x), 8 * (x - 0.5)], dim=1)  # class 1 where bright; unsure near 0.5
+
+    cpu = Runtime(torch.device("cpu"), "32-true", channels_last=False)
+    task = Segmentation(num_classes=2)
+    images = torch.zeros(2, 1, 8, 8)
+    images[:, :, :, :3] = 1.0  # bright left side: class 1, confident
+    images[:, :, :, 3:5] = 0.55  # unsure columns: softmax 0.69 < 0.9, ignored
+    same = BatchAugment("none")
+    loss, kept = _mask_consistency(Pointwise(), task, images, same, None, cpu, threshold=0.9)
+    probs = Pointwise()(images).softmax(1)
+    confident = probs.max(1).values >= 0.9
+    expected = (-probs.max(1).values.log() * confident).mean()  # CE of each kept pixel against its own argmax
+    assert kept.item() == pytest.approx(6 / 8) and loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    flip = BatchAugment("S1")
+    flip.geometric = K.AugmentationSequential(K.RandomHorizontalFlip(p=1.0))
+    flip.photometric = None
+    # The view is mirrored: had its self-label masks not been mirrored with it, the bright columns
+    # (now on the right) would be labeled background and the loss would be large.
+    loss_f, kept_f = _mask_consistency(Pointwise(), task, images, flip, None, cpu, threshold=0.9)
+    assert kept_f.item() == pytest.approx(6 / 8) and loss_f.item() == pytest.approx(loss.item(), rel=1e-3)  # interpolation

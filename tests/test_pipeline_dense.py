@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +363,26 @@ def test_a_saved_dense_config_loads_back(task, tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(build_config({}, [f"task={task}"])))  # every default written out
     assert dump_config(load_config(path)) == path.read_text()
+
+
+def test_segmentation_student_with_self_labels_logs_them_and_resumes_to_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    extra = ["student.consistency=1", "student.consistency_threshold=0.05", "student.consistency_augment=S2",
+             "student.steps=4", "student.pool_augment=S1", "student.augment=S1"]  # fmt: skip
+    cfg = build_config({}, dense_overrides("segmentation") + extra)
+    run_pipeline(cfg, tmp_path / "a")
+    rows = [json.loads(line) for line in open(tmp_path / "a/student/round-1/metrics.jsonl")]
+    assert rows and all(0 <= r["self_labeled"] <= 1 and r["loss_consistency"] >= 0 for r in rows)
+    # A pixel's top softmax over 11 classes is at least 1/11 > 0.05: every pixel is self-labeled except where
+    # the view's shift and scale brought in padding, which is ignored.
+    assert all(0.5 < r["self_labeled"] < 1 for r in rows)
+    # Interrupted after the step-2 checkpoint: the resumed student ends with the same weights.
+    run_pipeline(cfg, tmp_path / "b")
+    folder = tmp_path / "b/student/round-1"
+    for name in ("done.json", "model.safetensors"):
+        (folder / name).unlink()
+    shutil.rmtree(folder / "checkpoints/step-0000004")
+    run_pipeline(cfg, tmp_path / "b", stages=["student"])
+    a, b = load_file(tmp_path / "a/student/round-1/model.safetensors"), load_file(folder / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -259,8 +259,8 @@ class StudentConfig(_Strict):
     )  # fmt: skip
     rounds: int = Field(1, ge=1, description="the student of round r teaches round r+1")
     consistency: float = Field(
-        0.0, ge=0, description="weight of the FixMatch-style term (classification): the student's own confident "
-        "predictions on the clean pool images are targets for its augmented views; 0: off",
+        0.0, ge=0, description="weight of the FixMatch-style term (classification, segmentation per pixel): the "
+        "student's own confident predictions on the clean pool images are targets for its augmented views; 0: off",
     )  # fmt: skip
     consistency_threshold: float | Literal["adaptive"] = Field(
         0.95, description="confidence a self-label needs (0 < t <= 1); adaptive: FreeMatch's self-adaptive "
@@ -637,8 +637,13 @@ class Config(_Strict):
                 problems.append("student.pseudo_batch_size: embedding distillation compares pairs of pool faces; use 2 or more")
         if self.teach.label_smoothing > 0 and t != "emotion":
             problems.append(f"teach.label_smoothing: for classification only, not {t}")
-        if self.student.consistency > 0:
-            problems.append(f"student.consistency: the self-label term is for classification, not {t}")
+        if self.student.consistency > 0 and t != "segmentation":
+            problems.append(f"student.consistency: the self-label term is for classification and segmentation, not {t}")
+        if self.student.consistency > 0 and t == "segmentation":
+            st = self.student
+            if st.consistency_align or st.consistency_threshold == "adaptive":
+                problems.append("student.consistency_align, student.consistency_threshold=adaptive: class-frequency "
+                                "options of the image-level self-labels; segmentation keeps a fixed pixel threshold")  # fmt: skip
         if set(self.transfer.protocols) - {"evaluate"}:
             problems.append(f"transfer.protocols: linear and finetune are classification protocols; {t} runs only evaluate")
         if problems:

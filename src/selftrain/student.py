@@ -16,7 +16,10 @@ held it within a point of its pseudo labels' accuracy without the term. ``studen
 gives the pool images their own, stronger view (Noisy Student's strong noise on the pseudo
 labels only); with the consistency term and no ``consistency_augment`` that one view carries
 both the teacher's labels and the student's own, which costs one forward-backward pass less per
-step than a second view. ``student.ema`` exports an exponential moving average of the weights.
+step than a second view. For segmentation the term works per pixel: the student's confident
+pixels on the clean pool images label a new view, made by ``consistency_augment`` (else
+``pool_augment``) with the self-label masks moved by its geometry. ``student.ema`` exports an
+exponential moving average of the weights.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from selftrain.augment import BatchAugment
 from selftrain.atomic import atomic_write_text
 from selftrain.checkpoint import read_state_dict
 from selftrain.config import Config
+from selftrain.data.targets import IGNORE_INDEX
 from selftrain.engine import BatchIndices, Runtime, export_model, fit
 from selftrain.losses import AdaptiveThreshold, DistributionAlignment, LossNormalization, cosine_weight, self_label_loss
 from selftrain.network import Network
@@ -85,6 +90,27 @@ def _consistency(net, clean, view_logits, strong, runtime: Runtime, threshold, a
         with runtime.autocast():
             view_logits = net(strong(clean))
     return self_label_loss(view_logits, clean_logits, threshold, align)
+
+
+def _mask_consistency(net, task, clean, view_aug, erase, runtime: Runtime, threshold: float):
+    """The FixMatch term for segmentation (as in semi-supervised segmentation, e.g. UniMatch): the
+    student's own pixels on the clean pool images, in eval mode, that reach ``threshold`` are hard
+    labels; ``view_aug`` makes a new view and moves those masks with its geometry (unkept pixels
+    and padding are ignored). ``mean_pixels 1[kept] * CE``, over all pixels, and the kept fraction."""
+    was_training = net.training
+    net.eval()
+    with torch.no_grad(), runtime.autocast():
+        clean_logits = net(clean)
+    net.train(was_training)
+    targets = task.to_device(task.encode_pseudo(clean_logits, threshold=threshold), runtime.device)
+    view, targets = task.augment(view_aug, clean, targets)
+    if erase is not None:
+        view = erase(view)
+    with runtime.autocast():
+        logits = net(view)
+    mask = torch.stack([t["mask"] for t in targets]).long()
+    pixel = F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX, reduction="none")
+    return pixel.mean(), (mask != IGNORE_INDEX).float().mean()
 
 
 def _eraser(p: float):
@@ -145,7 +171,7 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
     pseudo = BatchIndices(len(pool_index), s.pseudo_batch_size, seed + 50, ranks, what="student.pseudo_batch_size")
     combine = LossNormalization(alpha=s.alpha, decay=s.average_decay, normalize=s.loss == "normalized")
     nh = human.share
-    strong = BatchAugment(s.consistency_augment) if s.consistency_augment else None
+    strong = strong_view = BatchAugment(s.consistency_augment) if s.consistency_augment else None
     if strong is not None and erase is not None:
         strong = torch.nn.Sequential(strong, erase)
     ema = _weight_average(net, s.ema)
@@ -179,7 +205,12 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         per_sample = task.loss(outputs, target)
         loss_h, loss_p = per_sample[:nh].mean(), per_sample[nh:].mean()
         out = {"loss": combine(loss_h, loss_p), "loss_human": loss_h.detach(), "loss_pseudo": loss_p.detach()}
-        if s.consistency > 0:
+        if s.consistency > 0 and task.dense:
+            view_aug = strong_view if strong_view is not None else pool_aug
+            loss_c, used = _mask_consistency(net, task, clean[nh:], view_aug, erase, runtime, threshold)
+            out["loss"] = out["loss"] + s.consistency * loss_c
+            out["loss_consistency"], out["self_labeled"] = loss_c.detach(), used
+        elif s.consistency > 0:
             loss_c, used = _consistency(
                 net, clean[nh:], outputs[nh:], strong, runtime, threshold, align
             )  # fmt: skip
