@@ -77,15 +77,22 @@ def _initial_weights(net: Network, init: str, run: RunFolder, round_: int) -> No
     log.info("student: initialized from %s", path)
 
 
+def _clean_predictions(net, clean, runtime: Runtime) -> torch.Tensor:
+    """The student's outputs on the clean pool images that its self-labels come from: eval mode
+    (no dropout noise, no batch-norm update) and no gradient."""
+    was_training = net.training
+    net.eval()
+    with torch.no_grad(), runtime.autocast():
+        outputs = net(clean)
+    net.train(was_training)
+    return outputs
+
+
 def _consistency(net, clean, view_logits, strong, runtime: Runtime, threshold, align=None):
     """The FixMatch term on the pool batch: self-labels from the clean images, in eval mode (no
     dropout noise, no batch-norm update), distribution-aligned with ``align``, for ``view_logits``
     or, with ``strong``, a new view."""
-    was_training = net.training
-    net.eval()
-    with torch.no_grad(), runtime.autocast():
-        clean_logits = net(clean)
-    net.train(was_training)
+    clean_logits = _clean_predictions(net, clean, runtime)
     if strong is not None:
         with runtime.autocast():
             view_logits = net(strong(clean))
@@ -97,11 +104,7 @@ def _mask_consistency(net, task, clean, view_aug, erase, runtime: Runtime, thres
     student's own pixels on the clean pool images, in eval mode, that reach ``threshold`` are hard
     labels; ``view_aug`` makes a new view and moves those masks with its geometry (unkept pixels
     and padding are ignored). ``mean_pixels 1[kept] * CE``, over all pixels, and the kept fraction."""
-    was_training = net.training
-    net.eval()
-    with torch.no_grad(), runtime.autocast():
-        clean_logits = net(clean)
-    net.train(was_training)
+    clean_logits = _clean_predictions(net, clean, runtime)
     targets = task.to_device(task.encode_pseudo(clean_logits, threshold=threshold), runtime.device)
     view, targets = task.augment(view_aug, clean, targets)
     if erase is not None:
@@ -205,15 +208,12 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         per_sample = task.loss(outputs, target)
         loss_h, loss_p = per_sample[:nh].mean(), per_sample[nh:].mean()
         out = {"loss": combine(loss_h, loss_p), "loss_human": loss_h.detach(), "loss_pseudo": loss_p.detach()}
-        if s.consistency > 0 and task.dense:
-            view_aug = strong_view if strong_view is not None else pool_aug
-            loss_c, used = _mask_consistency(net, task, clean[nh:], view_aug, erase, runtime, threshold)
-            out["loss"] = out["loss"] + s.consistency * loss_c
-            out["loss_consistency"], out["self_labeled"] = loss_c.detach(), used
-        elif s.consistency > 0:
-            loss_c, used = _consistency(
-                net, clean[nh:], outputs[nh:], strong, runtime, threshold, align
-            )  # fmt: skip
+        if s.consistency > 0:
+            if task.dense:  # segmentation (the config refuses the term for other dense tasks)
+                view_aug = strong_view if strong_view is not None else pool_aug
+                loss_c, used = _mask_consistency(net, task, clean[nh:], view_aug, erase, runtime, threshold)
+            else:
+                loss_c, used = _consistency(net, clean[nh:], outputs[nh:], strong, runtime, threshold, align)
             out["loss"] = out["loss"] + s.consistency * loss_c
             out["loss_consistency"], out["self_labeled"] = loss_c.detach(), used
         return out
