@@ -122,6 +122,37 @@ def test_adaptive_thresholds_match_hand_computed_values():
         AdaptiveThreshold(num_classes=1)
 
 
+def test_class_balance_matches_hand_computed_values():
+    from selftrain.losses import ClassBalance, self_label_loss
+
+    balance = ClassBalance(num_classes=3, decay=0.5)
+    label, keep = torch.tensor([0, 0, 0, 1, 2, 2]), torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    # kept shares [3/6, 1/6, 0]; mean 2/9: weights [4/9, 4/3, capped at 10] (class 2 has no self-label yet)
+    assert torch.allclose(balance(label, keep), torch.tensor([4 / 9] * 3 + [4 / 3] + [10.0] * 2))
+    # second batch, shares [0, 1/2, 1/2]: running 0.5 [1/2, 1/6, 0] + 0.5 [0, 1/2, 1/2] = [1/4, 1/3, 1/4]
+    weights = balance(torch.tensor([1, 2]), torch.tensor([1.0, 1.0]))
+    assert torch.allclose(balance.share, torch.tensor([1 / 4, 1 / 3, 1 / 4], dtype=torch.float64))
+    assert torch.allclose(weights, torch.tensor([(5 / 18) * 3, (5 / 18) * 4]))  # mean 5/18 over [1/3, 1/4]
+    balance.eval()  # in eval mode it weighs without learning
+    assert torch.allclose(balance(torch.tensor([0]), torch.tensor([1.0])), torch.tensor([10 / 9]))
+    assert balance.count.item() == 2
+    again = ClassBalance(num_classes=3)
+    again.load_state_dict(balance.state_dict())  # checkpointed with the run
+    assert torch.equal(again.share, balance.share) and again.count.item() == 2
+    # In self_label_loss: three confident class-0 images and one class-1 image; the class-1 image
+    # weighs three times each class-0 one, and the kept weights still add up to the kept count.
+    clean = torch.tensor([[0.99, 0.01]] * 3 + [[0.01, 0.99]]).log()
+    view = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    loss, kept = self_label_loss(view, clean, threshold=0.95, balance=ClassBalance(num_classes=2))
+    ce = torch.nn.functional.cross_entropy(view, torch.tensor([0, 0, 0, 1]), reduction="none")
+    assert kept.item() == 1.0
+    assert loss.item() == pytest.approx(((ce[:3] * 2 / 3).sum() + ce[3] * 2).item() / 4)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        ClassBalance(num_classes=1)
+    with pytest.raises(ValueError, match="max_weight must be >= 1"):
+        ClassBalance(num_classes=2, max_weight=0.5)
+
+
 def test_cosine_weight_runs_from_start_to_end():
     from selftrain.losses import cosine_weight
 

@@ -104,9 +104,9 @@ def test_a_larger_student_backbone_is_trained_exported_and_measured(small_idx, t
     [
         ["student.consistency_augment=S2"],
         ["student.pool_augment=S2", "student.ema=0.9", "student.erase=0.5", "student.consistency_align=true"],
-        ["student.consistency_threshold=adaptive"],
+        ["student.consistency_threshold=adaptive", "student.consistency_balance=true"],
     ],
-    ids=["second-view", "shared-pool-view-ema", "adaptive-threshold"],
+    ids=["second-view", "shared-pool-view-ema", "adaptive-threshold-balance"],
 )
 def test_consistency_student_logs_its_self_labels_and_resumes_to_the_same_weights(small_idx, tmp_path, view):
     from safetensors.torch import load_file
@@ -165,6 +165,8 @@ def test_consistency_options_without_the_term_or_on_a_dense_task_are_errors(smal
         build_config({}, tiny_overrides(small_idx) + ["student.consistency_augment=S2"])
     with pytest.raises(ValueError, match="student.consistency_align: options of the consistency term, which is off"):
         build_config({}, tiny_overrides(small_idx) + ["student.consistency_align=true"])
+    with pytest.raises(ValueError, match="student.consistency_balance: options of the consistency term, which is off"):
+        build_config({}, tiny_overrides(small_idx) + ["student.consistency_balance=true"])
     with pytest.raises(ValueError, match="student.consistency_threshold: options of the consistency term, which is off"):
         build_config({}, tiny_overrides(small_idx) + ["student.consistency_threshold=adaptive"])
     with pytest.raises(ValueError, match=r"student.consistency_threshold: 1.5 is not in \(0, 1\]"):
@@ -174,8 +176,9 @@ def test_consistency_options_without_the_term_or_on_a_dense_task_are_errors(smal
     with pytest.raises(ValueError, match="student.consistency: the self-label term is for classification and segmentation, not depth"):
         build_config({}, ["task=depth", "student.consistency=1"])
     build_config({}, ["task=segmentation", "student.consistency=1", "student.consistency_threshold=0.9"])
-    with pytest.raises(ValueError, match="class-frequency options of the image-level self-labels"):
-        build_config({}, ["task=segmentation", "student.consistency=1", "student.consistency_align=true"])
+    for option in ("student.consistency_align=true", "student.consistency_balance=true"):
+        with pytest.raises(ValueError, match="class-frequency options of the image-level self-labels"):
+            build_config({}, ["task=segmentation", "student.consistency=1", option])
 
 
 def test_alignment_prior_is_the_labeled_splits_class_frequencies():

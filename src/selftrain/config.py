@@ -273,6 +273,10 @@ class StudentConfig(_Strict):
         False, description="distribution alignment (ReMixMatch) of the self-labels: predictions on the pool are "
         "scaled by the labeled split's class frequencies over their running mean, so no class is starved of labels",
     )  # fmt: skip
+    consistency_balance: bool = Field(
+        False, description="class-balanced self-labels: each kept one is weighted by the inverse of its class's "
+        "running share of the kept ones (at most 10x), so the classes the student finds hard pull on it as much as easy ones",
+    )  # fmt: skip
     ema: float | None = Field(
         None, ge=0, lt=1, description="decay of an exponential moving average of the student's weights (and "
         "batch-norm statistics), exported instead of the last step's weights; None: off",
@@ -286,7 +290,7 @@ class StudentConfig(_Strict):
         if not isinstance(t, str) and not 0 < t <= 1:
             raise ValueError(f"student.consistency_threshold: {t} is not in (0, 1] (or 'adaptive')")
         fields = type(self).model_fields
-        unused = [k for k in ("consistency_threshold", "consistency_augment", "consistency_align") if getattr(self, k) != fields[k].default]
+        unused = [k for k in ("consistency_threshold", "consistency_augment", "consistency_align", "consistency_balance") if getattr(self, k) != fields[k].default]
         if self.consistency == 0 and unused:
             keys = ", ".join(f"student.{k}" for k in sorted(unused))
             raise ValueError(f"{keys}: options of the consistency term, which is off (student.consistency=0)")
@@ -641,8 +645,8 @@ class Config(_Strict):
             problems.append(f"student.consistency: the self-label term is for classification and segmentation, not {t}")
         if self.student.consistency > 0 and t == "segmentation":
             st = self.student
-            if st.consistency_align or st.consistency_threshold == "adaptive":
-                problems.append("student.consistency_align, student.consistency_threshold=adaptive: class-frequency "
+            if st.consistency_align or st.consistency_balance or st.consistency_threshold == "adaptive":
+                problems.append("student.consistency_align, student.consistency_balance, student.consistency_threshold=adaptive: class-frequency "
                                 "options of the image-level self-labels; segmentation keeps a fixed pixel threshold")  # fmt: skip
         if set(self.transfer.protocols) - {"evaluate"}:
             problems.append(f"transfer.protocols: linear and finetune are classification protocols; {t} runs only evaluate")

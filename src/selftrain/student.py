@@ -39,7 +39,14 @@ from selftrain.checkpoint import read_state_dict
 from selftrain.config import Config
 from selftrain.data.targets import IGNORE_INDEX
 from selftrain.engine import BatchIndices, Runtime, export_model, fit
-from selftrain.losses import AdaptiveThreshold, DistributionAlignment, LossNormalization, cosine_weight, self_label_loss
+from selftrain.losses import (
+    AdaptiveThreshold,
+    ClassBalance,
+    DistributionAlignment,
+    LossNormalization,
+    cosine_weight,
+    self_label_loss,
+)
 from selftrain.network import Network
 from selftrain.outputs import RunFolder
 from selftrain.pretrain import resolve_weights
@@ -88,15 +95,15 @@ def _clean_predictions(net, clean, runtime: Runtime) -> torch.Tensor:
     return outputs
 
 
-def _consistency(net, clean, view_logits, strong, runtime: Runtime, threshold, align=None):
+def _consistency(net, clean, view_logits, strong, runtime: Runtime, threshold, align=None, balance=None):
     """The FixMatch term on the pool batch: self-labels from the clean images, in eval mode (no
-    dropout noise, no batch-norm update), distribution-aligned with ``align``, for ``view_logits``
-    or, with ``strong``, a new view."""
+    dropout noise, no batch-norm update), distribution-aligned with ``align`` and class-balanced
+    with ``balance``, for ``view_logits`` or, with ``strong``, a new view."""
     clean_logits = _clean_predictions(net, clean, runtime)
     if strong is not None:
         with runtime.autocast():
             view_logits = net(strong(clean))
-    return self_label_loss(view_logits, clean_logits, threshold, align)
+    return self_label_loss(view_logits, clean_logits, threshold, align, balance)
 
 
 def _mask_consistency(net, task, clean, view_aug, erase, runtime: Runtime, threshold: float):
@@ -179,11 +186,13 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         strong = torch.nn.Sequential(strong, erase)
     ema = _weight_average(net, s.ema)
     align = _alignment(data, task) if s.consistency_align else None
+    balance = ClassBalance(task.num_classes) if s.consistency_balance else None
     adaptive = s.consistency_threshold == "adaptive"
     threshold = AdaptiveThreshold(task.num_classes) if adaptive else s.consistency_threshold
     stateful = {"loss_normalization": combine} | ({"ema": ema} if ema is not None else {})
     stateful |= {"distribution_alignment": align} if align is not None else {}
     stateful |= {"adaptive_threshold": threshold} if adaptive else {}
+    stateful |= {"class_balance": balance} if balance is not None else {}
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         if s.alpha_final is not None:  # a function of the step alone, so a resumed run continues the same curve
@@ -213,7 +222,7 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
                 view_aug = strong_view if strong_view is not None else pool_aug
                 loss_c, used = _mask_consistency(net, task, clean[nh:], view_aug, erase, runtime, threshold)
             else:
-                loss_c, used = _consistency(net, clean[nh:], outputs[nh:], strong, runtime, threshold, align)
+                loss_c, used = _consistency(net, clean[nh:], outputs[nh:], strong, runtime, threshold, align, balance)
             out["loss"] = out["loss"] + s.consistency * loss_c
             out["loss_consistency"], out["self_labeled"] = loss_c.detach(), used
         return out
