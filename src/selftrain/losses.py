@@ -11,6 +11,14 @@ from torch import nn
 from selftrain.distributed import mean_over_ranks
 
 
+def _update_average(average: torch.Tensor, value: torch.Tensor, first: bool, decay: float) -> None:
+    """One step of an exponential moving average kept in a buffer (in place); the first value is copied."""
+    if first:
+        average.copy_(value)
+    else:
+        average.mul_(decay).add_((1 - decay) * value)
+
+
 class LossNormalization(nn.Module):
     """Loss normalization of Zoph et al. 2020, "Rethinking Pre-training and Self-training" (§3.2).
 
@@ -45,12 +53,8 @@ class LossNormalization(nn.Module):
             # Under torchrun each rank sees its share of the batch: the averages follow the global
             # batch's losses, so every rank (and a one-process run) weighs the pseudo term alike.
             h, p = mean_over_ranks(torch.stack([h, p])).unbind()
-            if self.count == 0:
-                self.avg_human.copy_(h)
-                self.avg_pseudo.copy_(p)
-            else:
-                self.avg_human.mul_(self.decay).add_((1 - self.decay) * h)
-                self.avg_pseudo.mul_(self.decay).add_((1 - self.decay) * p)
+            _update_average(self.avg_human, h, self.count == 0, self.decay)
+            _update_average(self.avg_pseudo, p, self.count == 0, self.decay)
             self.count += 1
         scale = (self.avg_human / self.avg_pseudo.clamp_min(1e-12)).to(loss_pseudo.dtype)
         return (loss_human + self.alpha * scale * loss_pseudo) / (1 + self.alpha)
@@ -122,10 +126,7 @@ class DistributionAlignment(nn.Module):
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         if self.training:
             mean = mean_over_ranks(probs.detach().double().mean(dim=0))
-            if self.count == 0:
-                self.running.copy_(mean)
-            else:
-                self.running.mul_(self.decay).add_((1 - self.decay) * mean)
+            _update_average(self.running, mean, self.count == 0, self.decay)
             self.count += 1
         aligned = probs * (self.prior / self.running.clamp_min(1e-12)).to(probs.dtype)
         return aligned / aligned.sum(dim=1, keepdim=True)
@@ -164,12 +165,8 @@ class AdaptiveThreshold(nn.Module):
         if self.training:
             p = probs.detach().double()
             stats = mean_over_ranks(torch.cat([p.max(dim=1).values.mean().view(1), p.mean(dim=0)]))
-            if self.count == 0:
-                self.tau.copy_(stats[0])
-                self.class_mean.copy_(stats[1:])
-            else:
-                self.tau.mul_(self.decay).add_((1 - self.decay) * stats[0])
-                self.class_mean.mul_(self.decay).add_((1 - self.decay) * stats[1:])
+            _update_average(self.tau, stats[0], self.count == 0, self.decay)
+            _update_average(self.class_mean, stats[1:], self.count == 0, self.decay)
             self.count += 1
         return (self.tau * self.class_mean / self.class_mean.max().clamp_min(1e-12)).to(probs.dtype)
 
@@ -210,13 +207,10 @@ class ClassBalance(nn.Module):
         if self.training:
             kept = torch.zeros_like(self.share).index_add_(0, label, keep.detach().double())
             share = mean_over_ranks(kept / max(len(label), 1))
-            if self.count == 0:
-                self.share.copy_(share)
-            else:
-                self.share.mul_(self.decay).add_((1 - self.decay) * share)
+            _update_average(self.share, share, self.count == 0, self.decay)
             self.count += 1
-        mean = self.share.mean()
-        weights = mean / self.share.clamp_min(mean.item() / self.max_weight) if mean > 0 else torch.ones_like(self.share)
+        mean = self.share.mean()  # no self-label yet (mean 0): every weight is 1
+        weights = torch.where(mean > 0, mean / torch.maximum(self.share, mean / self.max_weight), 1.0)
         return weights.to(keep.dtype)[label]
 
 
