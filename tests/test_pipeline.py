@@ -102,7 +102,7 @@ def test_a_larger_student_backbone_is_trained_exported_and_measured(small_idx, t
 @pytest.mark.parametrize(
     "view",
     [
-        ["student.consistency_augment=S2"],
+        ["student.consistency_augment=S2", "student.erase=0.5"],
         ["student.pool_augment=S2", "student.ema=0.9", "student.erase=0.5", "student.consistency_align=true"],
         ["student.consistency_threshold=adaptive", "student.consistency_balance=true"],
     ],

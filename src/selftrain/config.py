@@ -641,10 +641,10 @@ class Config(_Strict):
                 problems.append("student.pseudo_batch_size: embedding distillation compares pairs of pool faces; use 2 or more")
         if self.teach.label_smoothing > 0 and t != "emotion":
             problems.append(f"teach.label_smoothing: for classification only, not {t}")
-        if self.student.consistency > 0 and t != "segmentation":
+        st = self.student
+        if st.consistency > 0 and t != "segmentation":
             problems.append(f"student.consistency: the self-label term is for classification and segmentation, not {t}")
-        if self.student.consistency > 0 and t == "segmentation":
-            st = self.student
+        elif st.consistency > 0:
             if st.consistency_align or st.consistency_balance or st.consistency_threshold == "adaptive":
                 problems.append("student.consistency_align, student.consistency_balance, student.consistency_threshold=adaptive: class-frequency "
                                 "options of the image-level self-labels; segmentation keeps a fixed pixel threshold")  # fmt: skip

@@ -95,14 +95,17 @@ def _clean_predictions(net, clean, runtime: Runtime) -> torch.Tensor:
     return outputs
 
 
-def _consistency(net, clean, view_logits, strong, runtime: Runtime, threshold, align=None, balance=None):
+def _consistency(net, clean, view_logits, strong, erase, runtime: Runtime, threshold, align=None, balance=None):
     """The FixMatch term on the pool batch: self-labels from the clean images, in eval mode (no
     dropout noise, no batch-norm update), distribution-aligned with ``align`` and class-balanced
-    with ``balance``, for ``view_logits`` or, with ``strong``, a new view."""
+    with ``balance``, for ``view_logits`` or, with ``strong``, a new view (erased by ``erase``)."""
     clean_logits = _clean_predictions(net, clean, runtime)
     if strong is not None:
+        view = strong(clean)
+        if erase is not None:
+            view = erase(view)
         with runtime.autocast():
-            view_logits = net(strong(clean))
+            view_logits = net(view)
     return self_label_loss(view_logits, clean_logits, threshold, align, balance)
 
 
@@ -181,9 +184,7 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
     pseudo = BatchIndices(len(pool_index), s.pseudo_batch_size, seed + 50, ranks, what="student.pseudo_batch_size")
     combine = LossNormalization(alpha=s.alpha, decay=s.average_decay, normalize=s.loss == "normalized")
     nh = human.share
-    strong = strong_view = BatchAugment(s.consistency_augment) if s.consistency_augment else None
-    if strong is not None and erase is not None:
-        strong = torch.nn.Sequential(strong, erase)
+    strong = BatchAugment(s.consistency_augment) if s.consistency_augment else None
     ema = _weight_average(net, s.ema)
     align = _alignment(data, task) if s.consistency_align else None
     balance = ClassBalance(task.num_classes) if s.consistency_balance else None
@@ -219,10 +220,10 @@ def student(cfg: Config, run: RunFolder, data, runtime: Runtime, round_: int = 1
         out = {"loss": combine(loss_h, loss_p), "loss_human": loss_h.detach(), "loss_pseudo": loss_p.detach()}
         if s.consistency > 0:
             if task.dense:  # segmentation (the config refuses the term for other dense tasks)
-                view_aug = strong_view if strong_view is not None else pool_aug
+                view_aug = strong if strong is not None else pool_aug
                 loss_c, used = _mask_consistency(net, task, clean[nh:], view_aug, erase, runtime, threshold)
             else:
-                loss_c, used = _consistency(net, clean[nh:], outputs[nh:], strong, runtime, threshold, align, balance)
+                loss_c, used = _consistency(net, clean[nh:], outputs[nh:], strong, erase, runtime, threshold, align, balance)
             out["loss"] = out["loss"] + s.consistency * loss_c
             out["loss_consistency"], out["self_labeled"] = loss_c.detach(), used
         return out
