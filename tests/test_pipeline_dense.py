@@ -35,6 +35,17 @@ METRICS = {"segmentation": {"miou", "pixel_acc"}, "depth": {"absrel", "rmse", "d
 DENSE = list(METRICS)
 
 
+def assert_rows_with_margins(rows: list[dict], task: str) -> None:
+    """Teacher and student rows of each metric, and the student's margin over the teacher (student - teacher)."""
+    got = {(r["method"], r["round"], r["metric"]) for r in rows}
+    measured = {(m, r, k) for m, r in (("supervised", "0"), ("self-training", "1")) for k in METRICS[task]}
+    assert got == measured | {("self-training", "1", f"margin.{k}") for k in METRICS[task]}
+    value = {(r["method"], r["metric"]): float(r["value"]) for r in rows}
+    for k in METRICS[task]:
+        margin = value["self-training", k] - value["supervised", k]
+        assert value["self-training", f"margin.{k}"] == pytest.approx(margin, abs=1e-3)
+
+
 def dense_overrides(task: str) -> list[str]:
     """A run of a few seconds: 48 scenes of 64 px (10 labeled), 16 test scenes, a handful of steps."""
     return [
@@ -61,8 +72,7 @@ def test_cli_runs_a_dense_task_end_to_end_with_a_report(task, tmp_path):
     result = runner.invoke(app, ["run", "--out", str(out), *sets], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
-    got = {(r["method"], r["round"], r["metric"]) for r in rows}
-    assert got == {(m, r, k) for m, r in (("supervised", "0"), ("self-training", "1")) for k in METRICS[task]}
+    assert_rows_with_margins(rows, task)
     assert {r["task"] for r in rows} == {task}
     assert all(np.isfinite(float(r["value"])) for r in rows)
 
@@ -284,8 +294,7 @@ def format_overrides(task: str, labeled: str, unlabeled: str, test: str) -> list
 def test_a_run_on_real_annotation_formats(task, labeled, unlabeled, test, formats, tmp_path):
     out = run_pipeline(build_config({}, format_overrides(task, formats[labeled], formats[unlabeled], formats[test])), tmp_path)
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
-    got = {(r["method"], r["round"], r["metric"]) for r in rows}
-    assert got == {(m, r, k) for m, r in (("supervised", "0"), ("self-training", "1")) for k in METRICS[task]}
+    assert_rows_with_margins(rows, task)
     assert all(np.isfinite(float(r["value"])) for r in rows) and {r["dataset"] for r in rows} == {formats[test]}
 
     split = json.loads((out / "splits/labeled-0.5-seed0.json").read_text())

@@ -173,3 +173,22 @@ def test_main_table_compares_against_the_supervised_line_per_setting() -> None:
     assert (d["method"], d["augment"], d["delta"], d["paired"]) == ("self-training", "S4", 5.5, True)
     assert d["std"] == pytest.approx(statistics.stdev([5.0, 6.0]))
     assert d["baseline"] == {"method": "supervised", "init": "random", "augment": "S1", "round": 0}
+
+
+def test_margin_rows_are_each_students_value_minus_the_teachers() -> None:
+    from selftrain.results import higher_is_better
+    from selftrain.transfer import margin_rows
+
+    rows = [
+        row(metric="absrel", value=0.19), row(metric="rmse", value=1.4),
+        row("pretrain", metric="linear.top1", value=40.0),  # round 0, not a student: no margin
+        row("self-training", rnd=1, metric="absrel", value=0.17, augment="S4"),
+        row("self-training", rnd=2, metric="absrel", value=0.2),
+        row("self-training", rnd=1, metric="delta1", value=78.0),  # the teacher has no delta1 row
+    ]  # fmt: skip
+    got = margin_rows(rows)
+    assert [(r.round, r.metric, r.value, r.augment) for r in got] == [
+        (1, "margin.absrel", pytest.approx(-0.02), "S4"), (2, "margin.absrel", pytest.approx(0.01), "S1")
+    ]  # fmt: skip
+    assert all(r.method == "self-training" and r.seed == 0 for r in got)
+    assert not higher_is_better("margin.absrel") and higher_is_better("margin.miou")  # a negative error margin is better

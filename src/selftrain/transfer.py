@@ -17,12 +17,15 @@ In a run, every model of the output folder is measured: the pretrain stage's bac
 ``pretrain``; linear and finetune only), the teacher (method ``supervised``, round 0) and the
 student of each round (method ``self-training``). The ``init`` column says where the teacher's and
 students' weights started: ``random``, ``supervised`` / ``ssl:<method>`` (``model.weights: pretrain``)
-or ``pretrained`` (a file).
+or ``pretrained`` (a file). Each student's margin over the teacher of the same run (so the same
+seed and split) is written too, as metric ``margin.<metric>`` = student - teacher: positive is
+better, except for the errors (``margin.absrel``, ``margin.rmse``, ``margin.nme``), where negative is.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -38,7 +41,7 @@ from selftrain.data import Source, build_source, labeled_subset
 from selftrain.engine import Runtime
 from selftrain.network import Network, load_network
 from selftrain.outputs import RunFolder, read_done
-from selftrain.results import PROBE_METHOD, ResultRow, ResultsTable
+from selftrain.results import BASELINE_METHOD, PROBE_METHOD, ResultRow, ResultsTable
 from selftrain.tasks import build_task
 
 log = logging.getLogger("selftrain.transfer")
@@ -103,6 +106,24 @@ def finetune(net: Network, cfg: Config, data, runtime: Runtime, folder: Path) ->
     split = PreparedData(source, idx, None, idx[:0], data.test, data.test_idx, list(source.classes), data.channels, data.image_size)
     train_supervised(tuned, cfg, split, runtime, folder, steps=t.steps, batch_size=t.batch_size, augment=t.augment, optim=t.optim, desc="finetune", seed=cfg.seed)
     return evaluate(tuned, build_task(cfg.task, source), data.test, data.test_idx, runtime, cfg.engine.eval_batch_size)
+
+
+#: Prefix of a student's margin over its run's teacher in results.csv (``margin.miou``).
+MARGIN_PREFIX = "margin."
+
+
+def margin_rows(rows: list[ResultRow]) -> list[ResultRow]:
+    """``margin.<metric>`` rows: each student's value minus the teacher's (method ``supervised``, round 0).
+
+    ``rows`` are one run's measurements (one seed); a metric the teacher was not measured with
+    gets no margin. The margin rows keep the student's columns, so a report groups them by seed.
+    """
+    teacher = {r.metric: r.value for r in rows if r.method == BASELINE_METHOD and r.round == 0}
+    return [
+        dataclasses.replace(r, metric=MARGIN_PREFIX + r.metric, value=round(r.value - teacher[r.metric], 4))
+        for r in rows
+        if r.method != BASELINE_METHOD and r.round > 0 and r.metric in teacher
+    ]
 
 
 def run_models(run: RunFolder, rounds: int) -> list[tuple[str, int, Path]]:
@@ -206,6 +227,10 @@ def transfer(cfg: Config, run: RunFolder, data, runtime: Runtime) -> list[Result
         metrics = measure(net, cfg, data, runtime, folder, f"{method}-r{round_}", cfg.transfer.protocols)
         rows += [ResultRow(metric=k, value=round(float(v), 4), **base) for k, v in metrics.items()]
         log.info("transfer: %s (round %d): %s", method, round_, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    margins = margin_rows(rows)
+    for m in margins:
+        log.info("transfer: self-training (round %d) against the teacher: %s %+.4f", m.round, m.metric, m.value)
+    rows += margins
     ranks = runtime.ranks  # under torchrun every rank measures (fine-tuning is shared); rank 0 writes
     if ranks.rank == 0:
         ResultsTable(run.results).add(rows)
