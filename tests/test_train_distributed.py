@@ -49,10 +49,12 @@ EQUIVALENCE = [
 # batch (16-32 images instead of 32-64) and DDP keeps rank 0's running statistics; rank 1 draws
 # its pre-training views from its own RNG stream; the all-reduce sums in another order. These
 # small perturbations move the trajectories apart; measured on this suite's data the largest
-# gaps were 1.75 points of top-1 and 0.066 of test loss (0.10 of a final logged training loss),
-# so the bounds are about twice those. A bug that drops a rank's gradients, duplicates samples
-# or halves the batch moves these metrics by far more (and the learned check below).
-TOL_POINTS = 3.5  # top1 / top5, percentage points (14 of the 400 test images)
+# gaps were 0.066 of test loss (0.10 of a final logged training loss) and, on two machines, 1.75
+# and 4.75 points of top-1: the teacher's fine-tuned top-1 near 50%, where 19 test images changed
+# sides while its test loss moved by 0.014. The loss bounds are about twice the gaps. A bug that
+# drops a rank's gradients, duplicates samples or halves the batch moves these metrics by far
+# more (and the learned check below).
+TOL_POINTS = 6.5  # top1 / top5, percentage points (26 of the 400 test images)
 TOL_LOSS = 0.15  # test loss, and the final logged training loss of each stage
 
 
@@ -119,9 +121,13 @@ def one_and_two(small_idx, tmp_path_factory) -> tuple[Path, Path, list[str]]:
 def test_two_gloo_processes_train_every_stage_like_one_process(one_and_two):
     one, two, _ = one_and_two
     ref, got = _results(one), _results(two)
-    assert set(got) == set(ref) and len(ref) == 15  # pretrain (finetune), teacher and student (evaluate + finetune)
+    assert set(got) == set(ref)
+    margins = [key for key in ref if key[2].startswith("margin.")]  # the student's, one per teacher metric
+    assert len(ref) - len(margins) == 15  # pretrain (finetune), teacher and student (evaluate + finetune)
+    assert len(margins) == len([key for key in ref if key[0] == "supervised"])
     for key, value in ref.items():
         tol = TOL_LOSS if key[2].endswith("loss") else TOL_POINTS
+        tol *= 2 if key in margins else 1  # a difference of two values, each within tol
         assert abs(got[key] - value) <= tol, f"{key}: 1 process {value}, 2 processes {got[key]} (tolerance {tol})"
     assert got[("supervised", 0, "top1")] > 40 and got[("self-training", 1, "top1")] > 40  # both learned (chance: 10)
     for stage in ("pretrain", "teach", "student/round-1"):
