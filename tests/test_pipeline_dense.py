@@ -74,6 +74,7 @@ def test_cli_runs_a_dense_task_end_to_end_with_a_report(task, tmp_path):
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
     assert_rows_with_margins(rows, task)
     assert {r["task"] for r in rows} == {task}
+    assert {(r["method"], r["augment"]) for r in rows} == {("supervised", "S1"), ("self-training", "S4 (pool S3)")}
     assert all(np.isfinite(float(r["value"])) for r in rows)
 
     manifest = json.loads((out / "label/round-1/manifest.json").read_text())

@@ -108,6 +108,13 @@ def finetune(net: Network, cfg: Config, data, runtime: Runtime, folder: Path) ->
     return evaluate(tuned, build_task(cfg.task, source), data.test, data.test_idx, runtime, cfg.engine.eval_batch_size)
 
 
+def student_augment(cfg: Config) -> str:
+    """The student's augmentation as the ``augment`` column says it: ``S1``, or ``S1 (pool S4)``
+    when the pool images have their own view (``student.pool_augment``)."""
+    s = cfg.student
+    return s.augment if s.pool_augment in (None, s.augment) else f"{s.augment} (pool {s.pool_augment})"
+
+
 #: Prefix of a student's margin over its run's teacher in results.csv (``margin.miou``).
 MARGIN_PREFIX = "margin."
 
@@ -222,7 +229,7 @@ def transfer(cfg: Config, run: RunFolder, data, runtime: Runtime) -> list[Result
     for method, round_, path in run_models(run, cfg.student.rounds):
         net = load_network(path)
         meta = json.loads(path.with_suffix(".json").read_text())
-        augment = cfg.teach.augment if round_ == 0 else cfg.student.augment
+        augment = cfg.teach.augment if round_ == 0 else student_augment(cfg)
         base = dict(method=method, init=init_name(cfg), augment=augment, round=round_, seconds=round(float(meta.get("seconds", 0.0)), 2), **common)
         metrics = measure(net, cfg, data, runtime, folder, f"{method}-r{round_}", cfg.transfer.protocols)
         rows += [ResultRow(metric=k, value=round(float(v), 4), **base) for k, v in metrics.items()]
