@@ -236,7 +236,7 @@ def transfer(cfg: Config, run: RunFolder, data, runtime: Runtime) -> list[Result
         log.info("transfer: %s (round %d): %s", method, round_, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     margins = margin_rows(rows)
     for m in margins:
-        log.info("transfer: self-training (round %d) against the teacher: %s %+.4f", m.round, m.metric, m.value)
+        log.info("transfer: %s (round %d) against the teacher: %s %+.4f", m.method, m.round, m.metric, m.value)
     rows += margins
     ranks = runtime.ranks  # under torchrun every rank measures (fine-tuning is shared); rank 0 writes
     if ranks.rank == 0:
