@@ -14,7 +14,9 @@ from selftrain.results import (
     ResultRow,
     ResultsTable,
     compare,
+    higher_is_better,
     main_table,
+    margin_rows,
     read_results,
     summarize,
 )
@@ -176,9 +178,6 @@ def test_main_table_compares_against_the_supervised_line_per_setting() -> None:
 
 
 def test_margin_rows_are_each_students_value_minus_the_teachers() -> None:
-    from selftrain.results import higher_is_better
-    from selftrain.transfer import margin_rows
-
     rows = [
         row(metric="absrel", value=0.19), row(metric="rmse", value=1.4),
         row("pretrain", metric="linear.top1", value=40.0),  # round 0, not a student: no margin

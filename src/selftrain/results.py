@@ -253,8 +253,26 @@ def summarize(
 
 
 def higher_is_better(metric: str) -> bool:
-    """Whether a larger ``metric`` is better; a protocol prefix (``linear.``, ``finetune.``) is ignored."""
+    """Whether a larger ``metric`` is better; a prefix (``linear.``, ``finetune.``, ``margin.``) is ignored."""
     return metric.rsplit(".", 1)[-1] not in LOWER_IS_BETTER
+
+
+#: Prefix of a student's margin over its run's teacher in results.csv (``margin.miou``).
+MARGIN_PREFIX = "margin."
+
+
+def margin_rows(rows: list[ResultRow]) -> list[ResultRow]:
+    """``margin.<metric>`` rows: each student's value minus the teacher's (method :data:`BASELINE_METHOD`, round 0).
+
+    ``rows`` are one run's measurements (one seed); a metric the teacher was not measured with
+    gets no margin. The margin rows keep the student's columns, so a report groups them by seed.
+    """
+    teacher = {r.metric: r.value for r in rows if r.method == BASELINE_METHOD and r.round == 0}
+    return [
+        dataclasses.replace(r, metric=MARGIN_PREFIX + r.metric, value=round(r.value - teacher[r.metric], 4))
+        for r in rows
+        if r.method != BASELINE_METHOD and r.round > 0 and r.metric in teacher
+    ]
 
 
 def compare(baseline: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:

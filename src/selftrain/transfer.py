@@ -25,7 +25,6 @@ better, except for the errors (``margin.absrel``, ``margin.rmse``, ``margin.nme`
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import time
@@ -41,7 +40,7 @@ from selftrain.data import Source, build_source, labeled_subset
 from selftrain.engine import Runtime
 from selftrain.network import Network, load_network
 from selftrain.outputs import RunFolder, read_done
-from selftrain.results import BASELINE_METHOD, PROBE_METHOD, ResultRow, ResultsTable
+from selftrain.results import PROBE_METHOD, ResultRow, ResultsTable, margin_rows
 from selftrain.tasks import build_task
 
 log = logging.getLogger("selftrain.transfer")
@@ -113,24 +112,6 @@ def student_augment(cfg: Config) -> str:
     when the pool images have their own view (``student.pool_augment``)."""
     s = cfg.student
     return s.augment if s.pool_augment in (None, s.augment) else f"{s.augment} (pool {s.pool_augment})"
-
-
-#: Prefix of a student's margin over its run's teacher in results.csv (``margin.miou``).
-MARGIN_PREFIX = "margin."
-
-
-def margin_rows(rows: list[ResultRow]) -> list[ResultRow]:
-    """``margin.<metric>`` rows: each student's value minus the teacher's (method ``supervised``, round 0).
-
-    ``rows`` are one run's measurements (one seed); a metric the teacher was not measured with
-    gets no margin. The margin rows keep the student's columns, so a report groups them by seed.
-    """
-    teacher = {r.metric: r.value for r in rows if r.method == BASELINE_METHOD and r.round == 0}
-    return [
-        dataclasses.replace(r, metric=MARGIN_PREFIX + r.metric, value=round(r.value - teacher[r.metric], 4))
-        for r in rows
-        if r.method != BASELINE_METHOD and r.round > 0 and r.metric in teacher
-    ]
 
 
 def run_models(run: RunFolder, rounds: int) -> list[tuple[str, int, Path]]:
